@@ -184,6 +184,18 @@ class Detector(abc.ABC):
 
         return calibrate(self, normals)
 
+    def default_calibration(self) -> Calibration:
+        """The method's documented fixed range and threshold (scores and maps in [0, 1],
+        threshold 0.5, unless a method says otherwise)."""
+        from .calibration import fixed_calibration
+
+        return fixed_calibration(0.0, 1.0, 0.5)
+
+    def leave_one_out(self) -> list[tuple[float, np.ndarray]] | None:
+        """(score, anomaly_map) of each fitted normal scored against the others, from
+        cached features; ``None`` when the method cannot do it (fewer than 2 normals)."""
+        return None
+
     def explain(self, result: DetectionResult, x: int, y: int) -> dict[str, Any]:
         """Why the pixel (x, y) of the query's original image got its value."""
         raise NotImplementedError(f"{self.name} has no explanation tool")

@@ -1,0 +1,1 @@
+"""The built-in methods; importing this package registers them."""

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import detector
+from detector import registry
+from detector.api import DetectionResult, Detector, check_normal_count
+from detector import limits
+
+
+class _ConstantDetector(Detector):
+    """A minimal method used to exercise the registry and the base class."""
+
+    display_name = "Constant"
+    requires_fit = True
+    method_options = {"level": 0.25}
+
+    def __init__(self, *, backbone=None, backbone_weights=None, checkpoint=None, device="cpu", level=0.25, **common):
+        super().__init__(device=device, **common)
+        self.level = level
+        self.seen = []
+
+    def describe(self):
+        return {"method": self.name, "level": self.level}
+
+    def _fit(self, images, progress):
+        self.seen = [im.size for im in images]
+
+    def _predict(self, image):
+        h, w = image.size
+        return DetectionResult(self.name, self.level, np.full((h, w), self.level, np.float32),
+                               np.zeros((2, 2), np.float32), {}, {})
+
+
+@pytest.fixture
+def constant_method(monkeypatch):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.register_method("Constant-Test")(_ConstantDetector)
+    return "constant-test"
+
+
+def test_create_detector_is_case_insensitive_and_passes_options(constant_method):
+    det = detector.create_detector("CONSTANT-test", level=0.75, class_name="metal_nut", seed=3)
+    assert isinstance(det, _ConstantDetector)
+    assert det.level == 0.75 and det.class_name == "metal_nut" and det.seed == 3
+    assert "constant-test" in detector.list_methods()
+
+
+def test_unknown_method_lists_known_ones(constant_method):
+    with pytest.raises(ValueError, match="constant-test"):
+        detector.create_detector("no-such-method")
+
+
+def test_unknown_option_raises_type_error_listing_valid_ones(constant_method):
+    with pytest.raises(TypeError) as info:
+        detector.create_detector("constant-test", levle=1.0)
+    message = str(info.value)
+    assert "levle" in message and "level" in message and "class_name" in message and "sigma" in message
+
+
+def test_duplicate_registration_is_refused(constant_method):
+    class Other(_ConstantDetector):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("constant-test")(Other)
+
+
+def test_fit_predict_contract(constant_method):
+    det = detector.create_detector("constant-test")
+    with pytest.raises(RuntimeError, match="fit"):
+        det.predict(np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="at least 1"):
+        det.fit([])
+    too_many = [np.zeros((16, 16, 3), np.uint8)] * (limits.MAX_NORMAL_IMAGES + 1)
+    with pytest.raises(ValueError, match=str(limits.MAX_NORMAL_IMAGES)):
+        det.fit(too_many)
+    calls = []
+    det.fit([np.zeros((20, 30, 3), np.uint8)], progress=lambda f, m: calls.append((f, m)))
+    assert det.seen == [(20, 30)] and det.num_normals == 1 and calls[-1] == (1.0, "done")
+    result = det.predict(np.zeros((32, 48, 3), np.uint8))
+    assert result.anomaly_map.shape == (32, 48)
+    batch = det.predict_batch([np.zeros((32, 48, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)])
+    assert [r.anomaly_map.shape for r in batch] == [(32, 48), (16, 16)]
+
+
+def test_check_normal_count_for_zero_shot_allows_none():
+    check_normal_count(0, "FAPrompt", required=False)
+    with pytest.raises(ValueError):
+        check_normal_count(limits.MAX_NORMAL_IMAGES + 1, "FAPrompt", required=False)
+
+
+def test_sigma_must_be_non_negative(constant_method):
+    with pytest.raises(ValueError, match="sigma"):
+        detector.create_detector("constant-test", sigma=-1.0)
+
+
+def test_detection_result_is_frozen():
+    result = DetectionResult("x", 0.1, np.zeros((2, 2), np.float32), np.zeros((1, 1), np.float32), {}, {})
+    with pytest.raises(AttributeError):
+        result.score = 0.2  # type: ignore[misc]
