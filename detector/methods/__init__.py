@@ -1,1 +1,2 @@
 """The built-in methods; importing this package registers them."""
+from . import inctrl  # noqa: F401
