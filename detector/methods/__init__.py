@@ -1,2 +1,3 @@
 """The built-in methods; importing this package registers them."""
 from . import inctrl  # noqa: F401
+from . import anople  # noqa: F401

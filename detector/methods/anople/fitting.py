@@ -1,0 +1,421 @@
+"""AnoPLe's ``fit``: views, pseudo anomalies, the cached pool and the optimisation loop
+(anople.md §3.1-§3.4).
+
+The fast preset encodes a fixed pool of views once up to the cache boundary (exact,
+because nothing before it is learned) and trains only the prompted suffix; the faithful
+preset draws fresh views each step and runs the full prompted forward. Both share the
+loss, the latent anomalies and the memory-bank construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...api import Stopwatch
+from .anomalies import latent_noise, latent_patch_mask, pixel_anomaly
+from .config import AnoPLeConfig
+from .decoder import GLOBAL_VIEW, LOCAL_VIEW
+from .losses import anople_loss, anomaly_probability
+from .model import AnoPLe
+
+Progress = Callable[[float, str], None]
+
+#: View kinds of the fast preset's pool, in order, per shot (anople.md §3.3).
+POOL_KINDS = ("global", "local", "global-pixel", "local-pixel")
+
+
+def pool_size(k: int) -> int:
+    """clamp(4k, 16, 32) views."""
+    return int(min(32, max(16, 4 * k)))
+
+
+@dataclass
+class NormalImage:
+    """One fitted normal: its RGB pixels and its global-view model input (the same tensor
+    a query of that image gets)."""
+
+    rgb: np.ndarray
+    global_input: torch.Tensor  # (3, S, S)
+
+
+@dataclass
+class ViewBatch:
+    """Views ready for the encoder.
+
+    Attributes:
+        images: ``(B, 3, S, S)`` normalised inputs.
+        labels: ``(B,)`` long, 1 = pixel-anomalous.
+        targets: ``(B, N)`` soft patch targets.
+        views: ``(B,)`` long view ids (0 global, 1 local).
+        shots: index of the normal each view comes from.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    views: torch.Tensor
+    shots: list[int]
+
+
+@dataclass
+class EncodedPool(ViewBatch):
+    """A ``ViewBatch`` encoded up to the cache boundary.
+
+    Attributes:
+        boundary_tokens: ``(P, 1 + N, D_v)`` output of block ``layout.boundary``.
+        levels: ``{l: (P, N, D_v)}`` patch rows of the kept blocks below the boundary.
+    """
+
+    boundary_tokens: torch.Tensor = None
+    levels: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class ViewMaker:
+    """Builds global / local views and DRAEM pseudo anomalies from the normals.
+
+    Args:
+        normals: the fitted normals.
+        size: model input side S.
+        patch: ViT patch size.
+        to_input: uint8 (S, S, 3) view -> normalised (3, S, S) tensor (the query
+            preprocessing; an S x S view is not resized again).
+        rng: numpy generator for every random choice.
+        resized_crop: apply a random resized crop (area 0.8..1) first (faithful preset).
+        local_fraction: side of the local crop relative to min(H, W) (0.5: a 2x zoom).
+    """
+
+    def __init__(
+        self,
+        normals: list[NormalImage],
+        size: int,
+        patch: int,
+        to_input: Callable[[np.ndarray], torch.Tensor],
+        rng: np.random.Generator,
+        *,
+        resized_crop: bool = False,
+        local_fraction: float = 0.5,
+    ) -> None:
+        self.normals = normals
+        self.size = size
+        self.patch = patch
+        self.to_input = to_input
+        self.rng = rng
+        self.resized_crop = resized_crop
+        self.local_fraction = local_fraction
+        self.grid = size // patch
+
+    def _resize(self, rgb: np.ndarray) -> np.ndarray:
+        """Bicubic (antialiased, PIL) resize to S x S, as the query preprocessing does."""
+        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((self.size, self.size), Image.BICUBIC))
+
+    def _source_image(self, shot: int) -> np.ndarray:
+        rgb = self.normals[shot].rgb
+        if not self.resized_crop:
+            return rgb
+        height, width = rgb.shape[:2]
+        scale = math.sqrt(self.rng.uniform(0.8, 1.0))
+        crop_h, crop_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+        top = int(self.rng.integers(0, height - crop_h + 1))
+        left = int(self.rng.integers(0, width - crop_w + 1))
+        return rgb[top : top + crop_h, left : left + crop_w]
+
+    def view_pixels(self, shot: int, local: bool) -> np.ndarray:
+        """uint8 (S, S, 3): the whole image (global) or a random square crop of side
+        ``local_fraction * min(H, W)`` of the original-resolution image (local)."""
+        rgb = self._source_image(shot)
+        if not local:
+            return self._resize(rgb)
+        height, width = rgb.shape[:2]
+        side = max(1, int(round(self.local_fraction * min(height, width))))
+        top = int(self.rng.integers(0, height - side + 1))
+        left = int(self.rng.integers(0, width - side + 1))
+        return self._resize(rgb[top : top + side, left : left + side])
+
+    def make(self, shot: int, local: bool, pixel: bool) -> tuple[torch.Tensor, int, np.ndarray]:
+        """One view: ``(input (3, S, S), label, patch targets (N,))``.
+
+        The clean global view without resized crop is the normal's own query input.
+        """
+        if not local and not pixel and not self.resized_crop:
+            return self.normals[shot].global_input, 0, np.zeros(self.grid * self.grid, np.float32)
+        view = self.view_pixels(shot, local)
+        if not pixel:
+            return self.to_input(view), 0, np.zeros(self.grid * self.grid, np.float32)
+        sources = [n.rgb for n in self.normals]
+        image, _, targets, _ = pixel_anomaly(view, sources, self.patch, self.rng)
+        return self.to_input(image), 1, targets.reshape(-1)
+
+    def batch(self, items: list[tuple[int, bool, bool]]) -> ViewBatch:
+        """Views for ``(shot, local, pixel)`` triples."""
+        inputs, labels, targets, views, shots = [], [], [], [], []
+        for shot, local, pixel in items:
+            tensor, label, target = self.make(shot, local, pixel)
+            inputs.append(tensor)
+            labels.append(label)
+            targets.append(torch.from_numpy(target))
+            views.append(LOCAL_VIEW if local else GLOBAL_VIEW)
+            shots.append(shot)
+        return ViewBatch(
+            images=torch.stack(inputs),
+            labels=torch.tensor(labels, dtype=torch.long),
+            targets=torch.stack(targets),
+            views=torch.tensor(views, dtype=torch.long),
+            shots=shots,
+        )
+
+
+def pool_items(k: int) -> list[tuple[int, bool, bool]]:
+    """The fast preset's pool: 4 views per shot (global, local, global-pixel, local-pixel),
+    shots cycled until clamp(4k, 16, 32) views."""
+    items = []
+    for index in range(pool_size(k)):
+        kind = POOL_KINDS[index % 4]
+        items.append(((index // 4) % k, kind.startswith("local"), kind.endswith("pixel")))
+    return items
+
+
+def encode_pool(module: AnoPLe, batch: ViewBatch, progress: Progress | None, start: float, end: float) -> EncodedPool:
+    """Frozen prefix of every view, one view at a time (the same computation a single
+    query gets, so the memory bank matches queries exactly)."""
+    layout = module.layout
+    keep = sorted(l for l in set(layout.decoder_levels) | set(layout.memory_levels) if l < layout.boundary)
+    tokens, levels = [], {l: [] for l in keep}
+    count = batch.images.shape[0]
+    with torch.inference_mode():
+        for index in range(count):
+            boundary, kept = module.clip.encode_prefix(batch.images[index : index + 1], layout.boundary, keep=keep)
+            tokens.append(boundary)
+            for l in keep:
+                levels[l].append(kept[l][:, 1:])
+            if progress is not None:
+                progress(start + (end - start) * (index + 1) / count, f"encoding view {index + 1}/{count}")
+    return EncodedPool(
+        images=batch.images,
+        labels=batch.labels,
+        targets=batch.targets,
+        views=batch.views,
+        shots=batch.shots,
+        boundary_tokens=torch.cat(tokens).clone(),
+        levels={l: torch.cat(v).clone() for l, v in levels.items()},
+    )
+
+
+def channel_std(tokens: torch.Tensor) -> torch.Tensor:
+    """Per-channel std ``(D,)`` of patch tokens ``(P, 1 + N, D)`` (CLS excluded)."""
+    return tokens[:, 1:].reshape(-1, tokens.shape[-1]).std(dim=0)
+
+
+def learning_rate_factor(step: int, total: int, config: AnoPLeConfig) -> float | None:
+    """Multiplier of the base lr at 0-based ``step``; ``None`` = use ``config.warmup_lr``.
+
+    Cosine from 1 to 0 over the steps after a constant warm-up of
+    ``warmup_fraction * total`` steps (MaPLe/Dassl: 1 warm-up epoch of 5 at 1e-5).
+    """
+    warmup = int(round(config.warmup_fraction * total))
+    if step < warmup:
+        return None
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / span))
+
+
+def make_optimizer(module: AnoPLe, config: AnoPLeConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(module.learner.parameters()), "lr": config.lr_prompts, "base_lr": config.lr_prompts},
+        {"params": list(module.decoder.parameters()), "lr": config.lr_decoder, "base_lr": config.lr_decoder},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=False)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+@dataclass
+class FitReport:
+    """What one fit did: per-step losses, timings and (optionally) the encoded pool."""
+
+    log: list[tuple[int, float, float, float, float]]
+    timings: dict[str, float]
+    steps: int
+    pool: EncodedPool | None = None
+
+
+def fit_anople(
+    module: AnoPLe,
+    normals: list[NormalImage],
+    *,
+    image_size: int,
+    patch_size: int,
+    to_input: Callable[[np.ndarray], torch.Tensor],
+    seed: int,
+    progress: Progress | None = None,
+    keep_pool: bool = False,
+) -> FitReport:
+    """Train ``module``'s prompts and decoder on ``normals`` and store its fitted state.
+
+    Randomness: one ``numpy.random.Generator`` and one ``torch.Generator`` seeded from
+    ``seed``; nothing global is used. Progress: 0-0.10 views, 0.10-0.30 encoding,
+    0.30-0.95 steps ("step i/N loss L"), 0.95-0.99 memory bank.
+    """
+    config, layout = module.config, module.layout
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(int(seed))
+    watch = Stopwatch()
+    k = len(normals)
+    maker = ViewMaker(normals, image_size, patch_size, to_input, rng, resized_crop=config.resized_crop, local_fraction=config.local_crop_fraction)
+    device = next(module.decoder.parameters()).device
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(float(min(max(fraction, 0.0), 1.0)), message)
+
+    pool: EncodedPool | None = None
+    with watch("encode"):
+        if config.cached_pool:
+            items = pool_items(k)
+            views = []
+            for index, item in enumerate(items):
+                views.append(maker.batch([item]))
+                report(0.10 * (index + 1) / len(items), f"building view {index + 1}/{len(items)}")
+            batch = ViewBatch(
+                images=torch.cat([v.images for v in views]).to(device),
+                labels=torch.cat([v.labels for v in views]).to(device),
+                targets=torch.cat([v.targets for v in views]).to(device),
+                views=torch.cat([v.views for v in views]).to(device),
+                shots=[s for v in views for s in v.shots],
+            )
+            pool = encode_pool(module, batch, progress, 0.10, 0.30)
+            clean = pool.labels == 0
+            noise_std = channel_std(pool.boundary_tokens[clean])
+        else:
+            # Noise scale from frozen-CLIP tokens of clean global and local views.
+            clean_items = [(shot, local, False) for shot in range(k) for local in (False, True)]
+            report(0.10, "building views")
+            batch = maker.batch(clean_items)
+            collected = []
+            with torch.inference_mode():
+                for index in range(batch.images.shape[0]):
+                    tokens, _ = module.clip.encode_prefix(batch.images[index : index + 1].to(device), layout.latent_block)
+                    collected.append(tokens)
+                    report(0.10 + 0.20 * (index + 1) / batch.images.shape[0], f"encoding view {index + 1}/{batch.images.shape[0]}")
+            noise_std = channel_std(torch.cat(collected)).clone()
+
+    optimizer = make_optimizer(module, config)
+    log: list[tuple[int, float, float, float, float]] = []
+    steps = config.steps
+    module.decoder.train()
+    with watch("train"):
+        for step in range(steps):
+            factor = learning_rate_factor(step, steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = config.warmup_lr if factor is None else group["base_lr"] * factor
+            if pool is not None:
+                index = torch.randperm(pool.labels.shape[0], generator=generator)[: config.batch_size].to(device)
+                labels = pool.labels[index].clone()
+                targets = pool.targets[index].clone()
+                views = pool.views[index]
+                tokens = pool.boundary_tokens[index]
+                levels = {l: v[index] for l, v in pool.levels.items()}
+                images = None
+            else:
+                items = [
+                    (int(rng.integers(0, k)), bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+                    for _ in range(config.batch_size)
+                ]
+                fresh = maker.batch(items)
+                labels, targets, views = fresh.labels.to(device), fresh.targets.to(device), fresh.views.to(device)
+                images, tokens, levels = fresh.images.to(device), None, {}
+            # Latent anomalies on a third of the clean samples (anople.md §3.1).
+            grid = image_size // patch_size
+            latent = np.zeros((labels.shape[0], grid * grid), dtype=bool)
+            for b in range(labels.shape[0]):
+                if int(labels[b]) == 0 and rng.random() < config.latent_probability:
+                    latent[b] = latent_patch_mask(grid, image_size, rng).reshape(-1)
+            latent_mask = torch.from_numpy(latent).to(device)
+            has_latent = latent_mask.any(dim=1)
+            labels = torch.where(has_latent, torch.ones_like(labels), labels)
+            targets = torch.where(has_latent[:, None], latent_mask.float(), targets)
+
+            def add_noise(t: torch.Tensor) -> torch.Tensor:
+                return latent_noise(t, latent_mask, noise_std, config.sigma_latent, generator)
+
+            text_prompts, visual_prompts = module.effective_prompts()
+            text_features = module.encode_text(text_prompts)
+            hook = add_noise if bool(has_latent.any()) else None
+            if tokens is not None and layout.latent_block <= layout.boundary:
+                if hook is not None:
+                    tokens = add_noise(tokens)
+                hook = None
+            features = module.encode_views(
+                images, visual_prompts=visual_prompts, cached_tokens=tokens, cached_levels=levels, hook=hook
+            )
+            patch_prob = module.decode(features, views, text_features)
+            logits = module.global_logits(features, text_features)
+            terms = anople_loss(logits, labels, patch_prob, targets, gamma=config.focal_gamma, align_weight=config.align_weight)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            entry = (step + 1, terms.total.item(), terms.glob.item(), terms.local.item(), terms.align.item())
+            log.append(entry)
+            report(0.30 + 0.65 * (step + 1) / steps, f"step {step + 1}/{steps} loss {entry[1]:.3f}")
+    module.decoder.eval()
+
+    with watch("memory"):
+        build_fitted_state(module, normals, pool)
+    report(0.99, "memory bank built")
+    return FitReport(log=log, timings=dict(watch.timings), steps=steps, pool=pool if keep_pool else None)
+
+
+def build_fitted_state(module: AnoPLe, normals: list[NormalImage], pool: EncodedPool | None) -> None:
+    """Cache t_n / t_a, then encode each normal's global view with the learned prompts
+    (from the pool's cache when there is one): memory banks, and each normal's own
+    p_text and M_dec for leave-one-out."""
+    device = next(module.decoder.parameters()).device
+    with torch.inference_mode():
+        text_features = module.encode_text()
+        module.text_features = text_features.clone()
+        banks: dict[int, list[torch.Tensor]] = {l: [] for l in module.layout.memory_levels}
+        scores, maps = [], []
+        for shot, normal in enumerate(normals):
+            features = encode_normal(module, normal, shot, pool, device)
+            for l in banks:
+                banks[l].append(features.memory[l][0])
+            scores.append(module.global_logits(features, text_features).softmax(dim=-1)[0, 1])
+            maps.append(module.decode(features, GLOBAL_VIEW, text_features)[0])
+        module.set_fitted_state(
+            text_features,
+            {l: torch.cat(v) for l, v in banks.items()},
+            torch.stack(scores),
+            torch.stack(maps),
+        )
+
+
+def encode_normal(module: AnoPLe, normal: NormalImage, shot: int, pool: EncodedPool | None, device: torch.device):
+    """Prompted features of one normal's global view; reuses the pool's cached prefix of
+    that view when the pool has it (identical to encoding it afresh)."""
+    if pool is not None:
+        for index in range(pool.labels.shape[0]):
+            if pool.shots[index] == shot and int(pool.labels[index]) == 0 and int(pool.views[index]) == GLOBAL_VIEW:
+                return module.encode_views(
+                    cached_tokens=pool.boundary_tokens[index : index + 1],
+                    cached_levels={l: v[index : index + 1] for l, v in pool.levels.items()},
+                )
+    return module.encode_views(normal.global_input.unsqueeze(0).to(device))
+
+
+def pool_decoder_probabilities(module: AnoPLe, pool: EncodedPool) -> torch.Tensor:
+    """Decoder a ``(P, N)`` of every pool view with the current prompts (for inspection
+    and tests)."""
+    with torch.inference_mode():
+        text_features = module.encode_text()
+        features = module.encode_views(cached_tokens=pool.boundary_tokens, cached_levels=pool.levels)
+        return anomaly_probability(
+            module.decoder([features.patches[l] for l in module.layout.decoder_levels], pool.views), text_features, module.tau
+        )

@@ -1,0 +1,262 @@
+"""The AnoPLe model: prompt learner + multi-view decoder + memory bank over a frozen CLIP.
+
+Scoring (anople.md §4, reconstruction; [paper] Fig. 2 / TL;DR say the image score comes
+from the prediction logits plus a visual memory bank, which also localises):
+
+* p_text = softmax(tau [<g, t_n>, <g, t_a>])[1]
+* M_dec  = a_i of the decoder (§2.4)
+* M_mem  = mean over memory levels of min_j (1 - <f_i, b_j>) / 2 (PromptAD's distance)
+* raw map M = 1 / (1 / (M_dec + eps) + 1 / (M_mem + eps))  (PromptAD's harmonic fusion)
+* score s = 1 / (1 / (p_text + eps) + 1 / (max M_mem + eps)), in [0, 0.5]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AnoPLeConfig, BlockLayout, block_layout
+from .decoder import GLOBAL_VIEW, MultiViewDecoder
+from .encoders import PromptedCLIP
+from .losses import anomaly_probability, two_way_logits
+from .prompts import AnoPLePromptLearner
+
+#: Added to each denominator of the harmonic fusion (anople.md §4).
+FUSION_EPS = 1e-8
+#: Words of MaPLe's CTX_INIT used to initialise T_1.
+CONTEXT_INIT = "a photo of a"
+#: State words of the two prompts (anople.md §2.2).
+STATE_WORDS = ("normal", "anomalous")
+
+
+def harmonic(a: torch.Tensor, b: torch.Tensor, eps: float = FUSION_EPS) -> torch.Tensor:
+    """Elementwise ``1 / (1 / (a + eps) + 1 / (b + eps))``."""
+    return 1.0 / (1.0 / (a + eps) + 1.0 / (b + eps))
+
+
+def prompt_texts(class_name: str, n_text: int) -> list[str]:
+    """``[P^t_1] normal {cls}.`` and ``[P^t_1] anomalous {cls}.`` with n_t placeholder words."""
+    placeholder = " ".join(["X"] * n_text)
+    name = class_name.replace("_", " ").strip() or "object"
+    return [f"{placeholder} {state} {name}." for state in STATE_WORDS]
+
+
+@dataclass
+class QueryFeatures:
+    """What one prompted encoder pass gives for a batch of views.
+
+    Attributes:
+        image: ``(B, E)`` unit global embeddings g.
+        patches: ``{l: (B, N, E)}`` u_l for the decoder levels.
+        memory: ``{l: (B, N, D_v)}`` unit raw block outputs f^l for the memory levels.
+    """
+
+    image: torch.Tensor
+    patches: dict[int, torch.Tensor]
+    memory: dict[int, torch.Tensor]
+
+
+class AnoPLe(nn.Module):
+    """Learnable parts of AnoPLe and its fitted buffers.
+
+    Parameters: ``learner`` (T_j, V_j, coupling maps) and ``decoder`` (adapters, view
+    tokens, layer, head). Buffers after fit: ``text_features (2, E)``, memory banks
+    ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``.
+    The CLIP backbone is held by ``clip`` (a ``PromptedCLIP``), outside the state dict.
+    """
+
+    def __init__(
+        self,
+        clip: PromptedCLIP,
+        token_ids: torch.Tensor,
+        context_ids: torch.Tensor,
+        config: AnoPLeConfig,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = config
+        self.layout: BlockLayout = block_layout(config, clip.num_vision_blocks, clip.num_text_blocks)
+        model = clip.model
+        text_width = int(model.token_embedding.embedding_dim)
+        visual_width = int(model.visual.conv1.out_channels)
+        embed_dim = int(model.text_projection.shape[1]) if not isinstance(model.text_projection, nn.Linear) else model.text_projection.out_features
+        self.register_buffer("token_ids", token_ids.clone(), persistent=False)
+        first_init = None
+        if 1 in self.layout.text_blocks and config.n_text <= len(CONTEXT_INIT.split()):
+            with torch.no_grad():
+                first_init = model.token_embedding(context_ids[1 : 1 + config.n_text]).detach().clone()
+        self.learner = AnoPLePromptLearner(
+            text_blocks=list(self.layout.text_blocks),
+            visual_blocks=list(self.layout.visual_blocks),
+            coupled=list(self.layout.coupled),
+            n_text=config.n_text,
+            n_visual=config.n_visual,
+            text_width=text_width,
+            visual_width=visual_width,
+            first_text_init=first_init,
+            coupling=config.coupling,
+            generator=generator,
+        )
+        self.decoder = MultiViewDecoder(
+            len(self.layout.decoder_levels),
+            embed_dim,
+            generator,
+            width=config.decoder_width,
+            heads=config.decoder_heads,
+            mlp_ratio=config.decoder_mlp_ratio,
+        )
+        self.embed_dim = embed_dim
+        self.visual_width = visual_width
+        self.register_buffer("text_features", torch.zeros(2, embed_dim))
+        for level in self.layout.memory_levels:
+            self.register_buffer(f"memory_{level}", torch.zeros(0, visual_width))
+        self.register_buffer("normal_text_scores", torch.zeros(0))
+        self.register_buffer("normal_decoder_maps", torch.zeros(0, clip.num_patches))
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def tau(self) -> float:
+        return self.clip.logit_scale
+
+    def memory_bank(self, level: int) -> torch.Tensor:
+        return getattr(self, f"memory_{level}")
+
+    def effective_prompts(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return self.learner()
+
+    def encode_text(self, text_prompts: dict[int, torch.Tensor] | None = None, *, truncate: bool = True) -> torch.Tensor:
+        """Unit text features ``(2, E)``: rows t_n, t_a."""
+        if text_prompts is None:
+            text_prompts, _ = self.learner()
+        features = self.clip.encode_text_prompted(self.token_ids, text_prompts, truncate=truncate, n_context=self.config.n_text)
+        return F.normalize(features, dim=-1)
+
+    def encode_views(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        visual_prompts: dict[int, torch.Tensor] | None = None,
+        cached_tokens: torch.Tensor | None = None,
+        cached_levels: dict[int, torch.Tensor] | None = None,
+        hook=None,
+    ) -> QueryFeatures:
+        """One prompted vision pass (from the images, or from the cache boundary).
+
+        Args:
+            images: ``(B, 3, S, S)`` normalised views (full forward).
+            visual_prompts: effective P^v_j (default: the learner's).
+            cached_tokens: ``(B, 1 + N, D_v)`` output of block ``layout.boundary``.
+            cached_levels: ``{l: (B, N, D_v)}`` patch rows of the cached blocks l <= boundary.
+            hook: applied to the output of ``layout.latent_block`` (latent anomalies), only
+                when that block runs in this pass.
+        """
+        layout = self.layout
+        if visual_prompts is None:
+            _, visual_prompts = self.learner()
+        wanted = set(layout.decoder_levels) | set(layout.memory_levels)
+        if cached_tokens is None:
+            final, kept = self.clip.forward_vision(
+                images, visual_prompts=visual_prompts, keep=sorted(wanted), hook_block=layout.latent_block, hook=hook
+            )
+            levels = {l: t[:, 1:] for l, t in kept.items()}
+        else:
+            start = layout.boundary + 1
+            final, kept = self.clip.forward_vision(
+                cached_tokens=cached_tokens,
+                start_block=start,
+                visual_prompts={j: p for j, p in visual_prompts.items() if j >= start},
+                keep=sorted(l for l in wanted if l >= start),
+                hook_block=layout.latent_block if layout.latent_block >= start else None,
+                hook=hook,
+            )
+            levels = {l: t[:, 1:] for l, t in kept.items()}
+            levels.update({l: t for l, t in (cached_levels or {}).items() if l in wanted and l < start})
+            if layout.boundary in wanted and layout.boundary >= 1:
+                levels[layout.boundary] = cached_tokens[:, 1:]
+        image = F.normalize(self.clip.pool_image(final), dim=-1)
+        patches = {l: self.clip.project_tokens(levels[l]) for l in layout.decoder_levels}
+        memory = {l: F.normalize(levels[l], dim=-1) for l in layout.memory_levels}
+        return QueryFeatures(image=image, patches=patches, memory=memory)
+
+    def decode(self, features: QueryFeatures, view: torch.Tensor | int, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder anomaly probabilities a ``(B, N)``."""
+        text = self.text_features if text_features is None else text_features
+        z = self.decoder([features.patches[l] for l in self.layout.decoder_levels], view)
+        return anomaly_probability(z, text, self.tau)
+
+    def global_logits(self, features: QueryFeatures, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 2)`` = tau [<g, t_n>, <g, t_a>]."""
+        text = self.text_features if text_features is None else text_features
+        return two_way_logits(features.image, text, self.tau)
+
+    # ------------------------------------------------------------------ memory
+    def memory_scores(
+        self, memory: dict[int, torch.Tensor], exclude: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M_mem ``(B, N)`` in [0, 1] against the bank, and for the deepest memory level the
+        nearest bank row ``(B, N)`` and its cosine similarity ``(B, N)`` (ties: lowest row).
+
+        ``exclude``: normal indices whose rows are left out (leave-one-out).
+        """
+        num_patches = self.clip.num_patches
+        total = None
+        nearest = similarity = None
+        deepest = max(self.layout.memory_levels)
+        for level in self.layout.memory_levels:
+            bank = self.memory_bank(level)
+            keep = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
+            for index in exclude:
+                keep[index * num_patches : (index + 1) * num_patches] = False
+            rows = torch.nonzero(keep).squeeze(1)
+            sims = memory[level] @ bank[rows].t()  # (B, N, M)
+            best, where = sims.max(dim=-1)
+            distance = ((1.0 - best) / 2.0).clamp_min(0.0)
+            total = distance if total is None else total + distance
+            if level == deepest:
+                nearest, similarity = rows[where], best
+        return total / len(self.layout.memory_levels), nearest, similarity
+
+    def set_fitted_state(
+        self,
+        text_features: torch.Tensor,
+        memory: dict[int, torch.Tensor],
+        normal_text_scores: torch.Tensor,
+        normal_decoder_maps: torch.Tensor,
+    ) -> None:
+        """Store what predict needs: t_n/t_a, the banks ``{l: (k*N, D_v)}`` and the
+        normals' own p_text ``(k,)`` and M_dec ``(k, N)`` (for leave-one-out)."""
+        self.text_features = text_features.detach().clone()
+        for level, bank in memory.items():
+            setattr(self, f"memory_{level}", bank.detach().clone())
+        self.normal_text_scores = normal_text_scores.detach().clone()
+        self.normal_decoder_maps = normal_decoder_maps.detach().clone()
+
+    def resize_buffers_for(self, state: dict[str, torch.Tensor]) -> None:
+        """Give the k-dependent buffers the shapes of a saved state before loading it."""
+        for name in [f"memory_{l}" for l in self.layout.memory_levels] + ["normal_text_scores", "normal_decoder_maps"]:
+            if name in state:
+                current = getattr(self, name)
+                if state[name].ndim == current.ndim and state[name].shape[1:] == current.shape[1:]:
+                    setattr(self, name, torch.zeros_like(state[name], dtype=current.dtype, device=current.device))
+
+    def learned_parameters(self) -> list[nn.Parameter]:
+        return list(self.learner.parameters()) + list(self.decoder.parameters())
+
+
+def fused_outputs(
+    p_text: torch.Tensor, decoder_map: torch.Tensor, memory_map: torch.Tensor, scoring: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(score (B,), raw map (B, N))`` for ``scoring`` "full" | "prompt" | "memory" (§4)."""
+    memory_max = memory_map.amax(dim=-1)
+    if scoring == "full":
+        return harmonic(p_text, memory_max), harmonic(decoder_map, memory_map)
+    if scoring == "prompt":
+        return p_text, decoder_map
+    if scoring == "memory":
+        return memory_max, memory_map
+    raise ValueError(f"scoring must be 'full', 'prompt' or 'memory', got {scoring!r}")
