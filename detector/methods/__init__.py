@@ -1,3 +1,4 @@
 """The built-in methods; importing this package registers them."""
 from . import inctrl  # noqa: F401
+from . import faprompt  # noqa: F401
 from . import anople  # noqa: F401
