@@ -1,0 +1,280 @@
+"""Benchmarks: ``python -m benchmarks.run [--methods ...] [--quick] [--queries N] [--out FILE]``.
+
+For each method at its official default architecture built at random init (no download):
+construction time, ``fit`` time for k = 1, 2, 4, 8 normal images, ``predict`` latency
+(median and p90 over ``--queries`` queries after one warm-up), the plain image-encoder
+forward (open_clip ``encode_image``) on the same inputs in the same run, their ratio, the
+official per-query computation pattern (``benchmarks/reference.py``) and the speed-up over
+it, peak resident memory and the thread count. Every method runs in its own process so its
+peak memory is its own; a last row loads all default models at once. ``--quick`` uses the
+tiny random backbone (seconds; used by the tests). Prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_METHODS = ("inctrl", "anople", "faprompt")
+SHOT_COUNTS = (1, 2, 4, 8)
+#: AnoPLe's faithful preset is timed on its first steps and extrapolated to its full schedule.
+FAITHFUL_TIMED_STEPS = 20
+QUERY_SIZE = (256, 320)  # (H, W): non-square, like real photos
+
+COLUMNS = (
+    ("method", "method"),
+    ("backbone", "backbone"),
+    ("image_size", "px"),
+    ("construct_s", "build (s)"),
+    ("fit_s", "fit k=1/2/4/8 (s)"),
+    ("predict_median_s", "predict median (s)"),
+    ("predict_p90_s", "predict p90 (s)"),
+    ("encoder_median_s", "encoder (s)"),
+    ("predict_to_encoder", "predict / encoder"),
+    ("official_median_s", "official pattern (s)"),
+    ("speedup_vs_official", "speed-up"),
+    ("peak_rss_mib", "peak RSS (MiB)"),
+    ("threads", "threads"),
+)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _images(count: int, seed: int, defect: bool) -> list:
+    from detector import synthetic
+
+    images = []
+    for index in range(count):
+        image = synthetic.texture("grating", seed, size=QUERY_SIZE, index=index + (100 if defect else 0))
+        if defect:
+            image, _ = synthetic.add_defect(image, seed=index)
+        images.append(image)
+    return images
+
+
+def _create(method: str, quick: bool, **options: Any):
+    from detector import create_detector
+
+    backbone = "tiny-test" if quick else None
+    return create_detector(method, backbone=backbone, backbone_weights="random", **options)
+
+
+def _method_options(method: str, quick: bool) -> dict[str, Any]:
+    """Options of the benchmarked configuration (AnoPLe: fast preset; quick: few steps)."""
+    if method == "anople" and quick:
+        return {"steps": 3}
+    return {}
+
+
+def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[str, Any]:
+    """Measure one method in the current process; see the module docstring."""
+    import torch
+
+    from detector.backbone import clear_backbone_cache
+    from detector.images import load_image, preprocess
+
+    from .reference import OFFICIAL_PATTERNS
+
+    torch.set_num_threads(threads)
+    clear_backbone_cache()
+    options = _method_options(method, quick)
+    start = time.perf_counter()
+    det = _create(method, quick, **options)
+    construct_s = time.perf_counter() - start
+
+    normals = _images(8, seed=1, defect=False)
+    fit_s = {k: _timed(lambda k=k: det.fit(normals[:k])) for k in SHOT_COUNTS}
+    det.fit(normals[:4])
+    query_images = _images(queries + 1, seed=1, defect=True)
+    det.predict(query_images[0])  # warm-up
+    predict_times = [_timed(lambda q=q: det.predict(q)) for q in query_images[1:]]
+
+    encoder = det.backbone.model
+    inputs = [preprocess(load_image(q), det.preprocess_spec)[0].unsqueeze(0) for q in query_images]
+    with torch.inference_mode():
+        encoder.encode_image(inputs[0])
+        encoder_times = [_timed(lambda x=x: encoder.encode_image(x)) for x in inputs[1:]]
+
+    row: dict[str, Any] = {
+        "method": method,
+        "backbone": det.describe()["backbone"],
+        "image_size": det.describe()["image_size"],
+        "construct_s": construct_s,
+        "fit_s": fit_s,
+        "predict_median_s": statistics.median(predict_times),
+        "predict_p90_s": _percentile(predict_times, 0.9),
+        "predict_all_s": predict_times,
+        "encoder_median_s": statistics.median(encoder_times),
+        "encoder_all_s": encoder_times,
+        "threads": torch.get_num_threads(),
+        "options": options,
+    }
+    row["predict_to_encoder"] = row["predict_median_s"] / row["encoder_median_s"]
+
+    official = OFFICIAL_PATTERNS.get(method)
+    if official is not None:
+        reference_queries = query_images[1 : 1 + max(2, min(queries, 3))]
+        official(det, normals[:2], reference_queries[0])  # warm-up
+        det.fit(normals[:2])
+        ours = [_timed(lambda q=q: det.predict(q)) for q in reference_queries]
+        theirs = [_timed(lambda q=q: official(det, normals[:2], q)) for q in reference_queries]
+        row["official_median_s"] = statistics.median(theirs)
+        row["official_ours_median_s"] = statistics.median(ours)
+        row["speedup_vs_official"] = row["official_median_s"] / row["official_ours_median_s"]
+        row["official_shots"] = 2
+    if method == "anople":
+        row["anople_presets"] = _anople_presets(quick, normals)
+    row["peak_rss_mib"] = _peak_rss_mib()
+    return row
+
+
+def _anople_presets(quick: bool, normals: list) -> dict[str, Any]:
+    """Fit seconds per AnoPLe preset for k = 1, 4, 8 (faithful: extrapolated)."""
+    from detector.methods.anople.config import preset_config
+
+    table: dict[str, Any] = {}
+    for preset in ("fast", "text_only", "faithful"):
+        full_steps = preset_config(preset).steps
+        steps = min(full_steps, FAITHFUL_TIMED_STEPS) if preset == "faithful" else full_steps
+        if quick:
+            steps = min(steps, 3)
+        det = _create("anople", quick, preset=preset, steps=steps)
+        entry: dict[str, Any] = {"steps_timed": steps, "steps_full": full_steps if not quick else steps}
+        for k in ((1,) if quick else (1, 4, 8)):
+            seconds = _timed(lambda: det.fit(normals[:k]))
+            timing = det.describe().get("fit_seconds", {})
+            if steps < entry["steps_full"] and timing:
+                train = timing.get("train", 0.0)
+                seconds = seconds - train + train * entry["steps_full"] / steps
+                entry["extrapolated"] = True
+            entry[f"k{k}_s"] = seconds
+        table[preset] = entry
+    return table
+
+
+def bench_all_loaded(methods: Sequence[str], quick: bool, threads: int) -> dict[str, Any]:
+    """Peak memory with every method's default model built, fitted on 4 normals and run once."""
+    import torch
+
+    torch.set_num_threads(threads)
+    normals = _images(4, seed=2, defect=False)
+    query = _images(1, seed=2, defect=True)[0]
+    detectors = []
+    for method in methods:
+        det = _create(method, quick, **_method_options(method, quick))
+        det.fit(normals)
+        det.predict(query)
+        detectors.append(det)
+    return {"methods": list(methods), "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
+
+
+def _in_subprocess(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return " / ".join(_format(v) for v in value.values())
+    if isinstance(value, float):
+        return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(key)) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def anople_table(presets: dict[str, Any]) -> str:
+    lines = ["| AnoPLe preset | steps | fit k=1 (s) | fit k=4 (s) | fit k=8 (s) | note |", "|---|---|---|---|---|---|"]
+    for name, entry in presets.items():
+        note = f"extrapolated from {entry['steps_timed']} steps" if entry.get("extrapolated") else "measured"
+        lines.append(
+            f"| {name} | {entry['steps_full']} | {_format(entry.get('k1_s'))} | {_format(entry.get('k4_s'))} "
+            f"| {_format(entry.get('k8_s'))} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def run(methods: Sequence[str], quick: bool, queries: int, threads: int, isolate: bool = True) -> dict[str, Any]:
+    call = _in_subprocess if isolate else (lambda fn, *a: fn(*a))
+    rows = [call(bench_method, m, quick, queries, threads) for m in methods]
+    together = call(bench_all_loaded, list(methods), quick, threads)
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "threads": threads,
+        },
+        "quick": quick,
+        "queries": queries,
+        "rows": rows,
+        "all_loaded": together,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    parts = [markdown_table(result["rows"])]
+    for row in result["rows"]:
+        if "anople_presets" in row:
+            parts.append(anople_table(row["anople_presets"]))
+    together = result["all_loaded"]
+    parts.append(
+        f"All of {', '.join(together['methods'])} loaded at once: peak RSS {together['peak_rss_mib']:.0f} MiB "
+        f"({together['threads']} threads)."
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--quick", action="store_true", help="tiny random backbone (seconds)")
+    parser.add_argument("--queries", type=int, default=10, help="timed queries per method (default 10)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", default="benchmarks/results.json", help="JSON output (default benchmarks/results.json)")
+    parser.add_argument("--no-isolate", action="store_true", help="run every method in this process")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run(args.methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    sys.stdout.write(report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The benchmark command runs (``--quick``) and its table comes from measured values."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks import run as bench
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    code = bench.main(["--quick", "--methods", "inctrl", "faprompt", "--queries", "3", "--no-isolate", "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_run_has_every_column(quick_result):
+    rows = {row["method"]: row for row in quick_result["rows"]}
+    assert set(rows) == {"inctrl", "faprompt"}
+    for row in rows.values():
+        for key in ("construct_s", "fit_s", "predict_median_s", "predict_p90_s", "encoder_median_s",
+                    "predict_to_encoder", "official_median_s", "speedup_vs_official", "peak_rss_mib", "threads"):
+            assert key in row, key
+        assert sorted(int(k) for k in row["fit_s"]) == [1, 2, 4, 8]
+        assert row["backbone"] == "tiny-test"
+    assert quick_result["all_loaded"]["peak_rss_mib"] > 0
+
+
+def test_ratios_are_computed_from_measured_times(quick_result):
+    for row in quick_result["rows"]:
+        assert len(row["predict_all_s"]) == 3 and all(t > 0 for t in row["predict_all_s"])
+        assert row["predict_median_s"] == pytest.approx(statistics.median(row["predict_all_s"]))
+        assert row["encoder_median_s"] == pytest.approx(statistics.median(row["encoder_all_s"]))
+        assert row["predict_to_encoder"] == pytest.approx(row["predict_median_s"] / row["encoder_median_s"])
+        assert row["speedup_vs_official"] == pytest.approx(row["official_median_s"] / row["official_ours_median_s"])
+        assert row["predict_p90_s"] >= row["predict_median_s"]
+
+
+def test_markdown_table_lists_each_method(quick_result):
+    table = bench.report(quick_result)
+    header = table.splitlines()[0]
+    assert "predict / encoder" in header and "speed-up" in header and "peak RSS" in header
+    assert any(line.startswith("| inctrl |") for line in table.splitlines())
+    assert "loaded at once" in table
+
+
+def test_percentile_interpolates():
+    assert bench._percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
