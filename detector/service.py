@@ -1,0 +1,470 @@
+"""Run several methods on one query, reusing fitted detectors across queries.
+
+The app, the ``predict`` command line and scripts share this logic; the app only draws.
+
+``InspectionService`` keeps a bounded, thread-safe LRU cache of fitted detectors keyed by
+``(method, options incl. class_name, images.fingerprint(normals))``: a new query with the
+same normal images reuses the encoded normals (and AnoPLe's learned prompts) instead of
+fitting again, and a different normal set never sees another set's state. Each cache entry
+also holds the detector's calibration (``det.calibrate()``: leave-one-out over the normals
+when k >= 2, else the method's default), computed once per normal set.
+
+When a method's pretrained backbone weights cannot be obtained (``WeightsUnavailableError``,
+e.g. offline without a filled Hugging Face cache), the service can fall back to the same
+architecture with random weights; the outcome then carries a warning that its scores are
+meaningless (``weights_fallback``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from . import limits
+from .api import Calibration, DetectionResult, Detector, WeightsUnavailableError, check_normal_count
+from .images import LoadedImage, fingerprint, load_image
+from .registry import create_detector, get_method, list_methods
+
+LOG = logging.getLogger(__name__)
+
+#: ``progress(fraction in [0, 1], message)``.
+ProgressCallback = Callable[[float, str], None]
+DetectorFactory = Callable[..., Detector]
+
+RANDOM_FALLBACK_WARNING = (
+    "pretrained weights unavailable ({reason}); running the same architecture with RANDOM weights: "
+    "scores and maps are meaningless"
+)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How detectors are built (api.md, "App configuration").
+
+    Attributes:
+        backbone: open_clip model name for every method; ``None`` = each method's official one.
+        backbone_weights: pretrained tag / file / ``"random"`` for every method; ``None`` =
+            each method's official weights.
+        checkpoints: per method name (lower case), a checkpoint path or ``hf-hub:`` address.
+        method_options: per method name, default keyword options (e.g. ``{"anople":
+            {"preset": "fast"}}``); request options override them.
+        device: torch device string.
+        fallback_to_random: on ``WeightsUnavailableError`` build the method with
+            ``backbone_weights="random"`` instead of failing.
+    """
+
+    backbone: str | None = None
+    backbone_weights: str | None = None
+    checkpoints: Mapping[str, str | None] = field(default_factory=dict)
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"
+    fallback_to_random: bool = True
+
+
+@dataclass
+class FittedDetector:
+    """One cache entry: a fitted detector, its calibration and its description."""
+
+    method: str
+    detector: Detector
+    calibration: Calibration
+    description: dict[str, Any]
+    weights_fallback: str | None = None
+    fit_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class MethodOutcome:
+    """One method's answer to one query."""
+
+    method: str
+    display_name: str
+    result: DetectionResult
+    calibration: Calibration
+    description: dict[str, Any]
+    seconds: float
+    warnings: tuple[str, ...] = ()
+    weights_fallback: str | None = None
+    reused_fit: bool = False
+
+    @property
+    def calibrated_score(self) -> float:
+        return self.calibration.normalize_score(self.result.score)
+
+    def calibrated_map(self) -> np.ndarray:
+        """``anomaly_map`` on the calibrated 0..1 scale (0.5 = the method's threshold)."""
+        return self.calibration.normalize_map(self.result.anomaly_map)
+
+    def raw_threshold(self, threshold: float) -> float:
+        """The method's own score that a calibrated ``threshold`` corresponds to."""
+        c = self.calibration
+        return float(c.image_threshold + (float(threshold) - 0.5) * (c.image_max - c.image_min))
+
+    def is_anomalous(self, threshold: float) -> bool:
+        return self.calibrated_score >= float(threshold)
+
+    def summary(self, threshold: float) -> dict[str, Any]:
+        """JSON-able facts for one method at a calibrated ``threshold``."""
+        return {
+            "method": self.method,
+            "display_name": self.display_name,
+            "score": float(self.result.score),
+            "calibrated_score": float(self.calibrated_score),
+            "threshold": float(self.raw_threshold(threshold)),
+            "threshold_calibrated": float(threshold),
+            "verdict": "anomalous" if self.is_anomalous(threshold) else "normal",
+            "seconds": float(self.seconds),
+            "weights": weights_text(self.description),
+            "trained": bool(self.description.get("trained", False)),
+            "mode": self.description.get("mode"),
+            "calibration": self.calibration.source,
+            "calibration_values": self.calibration.to_dict(),
+            "reused_fit": self.reused_fit,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class InspectionReport:
+    """All methods' outcomes for one query."""
+
+    outcomes: tuple[MethodOutcome, ...]
+    query: LoadedImage
+    num_normals: int
+    normals_fingerprint: str
+
+    def summary(self, threshold: float) -> dict[str, Any]:
+        height, width = self.query.size
+        return {
+            "query": {"name": self.query.name, "height": height, "width": width, "warnings": list(self.query.warnings)},
+            "num_normals": self.num_normals,
+            "threshold_calibrated": float(threshold),
+            "methods": {o.method: o.summary(threshold) for o in self.outcomes},
+        }
+
+
+def weights_text(description: Mapping[str, Any]) -> str:
+    """One line saying which weights a method runs on, from its ``describe()``."""
+    parts = [f"{description.get('backbone', '?')}: {description.get('backbone_weights', '?')}"]
+    checkpoint = description.get("checkpoint")
+    mode = description.get("mode")
+    if checkpoint:
+        parts.append(f"checkpoint {checkpoint}")
+    elif description.get("method") != "anople":
+        parts.append("no checkpoint")
+    if mode:
+        parts.append(f"mode {mode}")
+    return "; ".join(parts)
+
+
+def is_meaningless(description: Mapping[str, Any]) -> bool:
+    """True when the backbone runs on random weights."""
+    return "random" in str(description.get("backbone_weights", "")).lower()
+
+
+def _freeze(value: Any) -> Hashable:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, float):
+        return float(value)
+    return value
+
+
+def _scaled(progress: ProgressCallback | None, start: float, stop: float, prefix: str) -> ProgressCallback | None:
+    if progress is None:
+        return None
+
+    def report(fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        progress(start + (stop - start) * fraction, f"{prefix}: {message}" if message else prefix)
+
+    return report
+
+
+class InspectionService:
+    """Fitted-detector cache plus the "run these methods on this query" call.
+
+    Thread-safe: the cache is guarded by a lock, and a per-key lock makes concurrent
+    requests for the same (method, options, normals) fit only once.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig | None = None,
+        *,
+        cache_size: int = limits.FITTED_DETECTOR_CACHE_SIZE,
+        factory: DetectorFactory = create_detector,
+    ) -> None:
+        if int(cache_size) < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size!r}")
+        self.config = config or ServiceConfig()
+        self.cache_size = int(cache_size)
+        self.factory = factory
+        self._cache: OrderedDict[tuple, FittedDetector] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+        #: Number of ``fit`` calls made (for tests and diagnostics).
+        self.fit_count = 0
+        #: Methods that fell back to random weights: method -> reason.
+        self.fallbacks: dict[str, str] = {}
+
+    # -- options and keys ------------------------------------------------------------------
+    def options_for(self, method: str, class_name: str = "object", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword options for ``create_detector``: configured defaults, then ``overrides``
+        restricted to what the method accepts (unknown keys are ignored), then ``class_name``."""
+        from .registry import method_options
+
+        name = get_method(method).name
+        valid = method_options(name)
+        options = {k: v for k, v in dict(self.config.method_options.get(name, {})).items() if k in valid}
+        for key, value in dict(overrides or {}).items():
+            if key in valid and value is not None:
+                options[key] = value
+        options["class_name"] = str(class_name or "object")
+        return options
+
+    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str) -> tuple:
+        name = get_method(method).name
+        return (name, _freeze(options), normals_fingerprint)
+
+    def cached_keys(self) -> list[tuple]:
+        """Keys in LRU order (least recently used first)."""
+        with self._lock:
+            return list(self._cache)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._key_locks.clear()
+
+    # -- building and fitting --------------------------------------------------------------
+    def _build(self, method: str, options: Mapping[str, Any]) -> tuple[Detector, str | None]:
+        name = get_method(method).name
+        kwargs = dict(
+            backbone=self.config.backbone,
+            backbone_weights=self.config.backbone_weights,
+            checkpoint=self.config.checkpoints.get(name),
+            device=self.config.device,
+            **options,
+        )
+        try:
+            return self.factory(name, **kwargs), None
+        except WeightsUnavailableError as error:
+            if not self.config.fallback_to_random:
+                raise
+            reason = str(error).split(". ")[0]
+            LOG.warning("%s: pretrained weights unavailable, falling back to random weights: %s", name, error)
+            kwargs["backbone_weights"] = "random"
+            detector = self.factory(name, **kwargs)
+            message = RANDOM_FALLBACK_WARNING.format(reason=reason)
+            self.fallbacks[name] = message
+            return detector, message
+
+    def fitted(
+        self,
+        method: str,
+        normals: Sequence[Any],
+        *,
+        options: Mapping[str, Any] | None = None,
+        normals_fingerprint: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[FittedDetector, bool]:
+        """The fitted detector for (method, options, normals), from the cache or new.
+
+        Returns ``(entry, reused)``. Raises ``ValueError`` for a normal-image count the
+        method does not accept, ``InvalidImageError`` for an unusable image.
+        """
+        cls = get_method(method)
+        options = dict(options if options is not None else self.options_for(cls.name))
+        loaded = [load_image(image) for image in normals]
+        check_normal_count(len(loaded), cls.display_name, required=cls.requires_fit)
+        digest = normals_fingerprint or fingerprint(loaded)
+        key = self.cache_key(cls.name, options, digest)
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is not None:
+                    self._cache.move_to_end(key)
+                    return entry, True
+            if progress is not None:
+                progress(0.0, f"loading {cls.display_name}")
+            detector, fallback = self._build(cls.name, options)
+            start = time.perf_counter()
+            detector.fit(loaded, progress=_scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
+            fit_seconds = time.perf_counter() - start
+            if progress is not None:
+                progress(0.9, f"calibrating {cls.display_name}")
+            calibration = detector.calibrate()
+            entry = FittedDetector(
+                method=cls.name,
+                detector=detector,
+                calibration=calibration,
+                description=dict(detector.describe()),
+                weights_fallback=fallback,
+                fit_seconds=fit_seconds,
+            )
+            with self._lock:
+                self.fit_count += 1
+                self._cache[key] = entry
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size:
+                    dropped, _ = self._cache.popitem(last=False)
+                    self._key_locks.pop(dropped, None)
+            return entry, False
+
+    # -- one query, several methods --------------------------------------------------------
+    def inspect(
+        self,
+        methods: Sequence[str],
+        normals: Sequence[Any],
+        query: Any,
+        *,
+        class_name: str = "object",
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> InspectionReport:
+        """Run ``methods`` on ``query`` against ``normals``; see the module docstring.
+
+        Args:
+            methods: method names (any case); duplicates are ignored.
+            normals: 0..8 normal images (paths, PIL, arrays, ``LoadedImage``).
+            query: the query image.
+            class_name: object word for text prompts, passed to every method.
+            options: per-method option overrides, e.g. ``{"anople": {"preset": "fast"}}``.
+            progress: ``progress(fraction, message)``.
+
+        Raises:
+            ValueError: no method, an unknown method, or a normal count a method refuses.
+            InvalidImageError: a normal or query image that cannot be used.
+        """
+        names: list[str] = []
+        for method in methods:
+            name = get_method(method).name
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
+        if query is None:
+            raise ValueError("no query image given")
+        loaded_normals = [load_image(image) for image in (normals or [])]
+        if len(loaded_normals) > limits.MAX_NORMAL_IMAGES:
+            raise ValueError(
+                f"{len(loaded_normals)} normal images given, at most {limits.MAX_NORMAL_IMAGES} are accepted"
+            )
+        for name in names:
+            cls = get_method(name)
+            check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
+        loaded_query = load_image(query)
+        digest = fingerprint(loaded_normals)
+        outcomes = []
+        share = 1.0 / len(names)
+        for index, name in enumerate(names):
+            cls = get_method(name)
+            method_options = self.options_for(name, class_name, (options or {}).get(name))
+            base = index * share
+            entry, reused = self.fitted(
+                name,
+                loaded_normals,
+                options=method_options,
+                normals_fingerprint=digest,
+                progress=_scaled(progress, base, base + 0.8 * share, cls.display_name),
+            )
+            if progress is not None:
+                progress(base + 0.8 * share, f"{cls.display_name}: scoring the query")
+            start = time.perf_counter()
+            result = entry.detector.predict(loaded_query)
+            seconds = time.perf_counter() - start
+            warnings = list(result.warnings)
+            if entry.weights_fallback:
+                warnings.append(entry.weights_fallback)
+            elif is_meaningless(entry.description):
+                warnings.append("backbone runs on random weights: scores and maps are meaningless")
+            if not entry.description.get("trained", True) and entry.description.get("mode") == "training-free":
+                warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
+            outcomes.append(
+                MethodOutcome(
+                    method=name,
+                    display_name=cls.display_name,
+                    result=result,
+                    calibration=entry.calibration,
+                    description=entry.description,
+                    seconds=seconds,
+                    warnings=tuple(dict.fromkeys(warnings)),
+                    weights_fallback=entry.weights_fallback,
+                    reused_fit=reused,
+                )
+            )
+        if progress is not None:
+            progress(1.0, "done")
+        return InspectionReport(
+            outcomes=tuple(outcomes),
+            query=loaded_query,
+            num_normals=len(loaded_normals),
+            normals_fingerprint=digest,
+        )
+
+    # -- start-up facts ----------------------------------------------------------------------
+    def weights_status(self, method: str) -> tuple[str, str | None]:
+        """Without building anything: ``(model_name, problem)`` where ``problem`` says why the
+        method's pretrained weights are not available locally (``None`` = available, random
+        by choice, or not knowable before loading)."""
+        cls = get_method(method)
+        module = sys.modules.get(cls.__module__)
+        model_name = self.config.backbone or getattr(module, "DEFAULT_BACKBONE", None) or "?"
+        if self.config.checkpoints.get(cls.name) and cls.name == "inctrl":
+            return model_name, None
+        weights = self.config.backbone_weights
+        if weights is None:
+            if model_name == "tiny-test":
+                return model_name, None
+            default_model = getattr(module, "DEFAULT_BACKBONE", None)
+            weights = getattr(module, "DEFAULT_WEIGHTS", None) if model_name == default_model else None
+            if weights is None:
+                return model_name, None
+        return model_name, weights_problem(model_name, weights)
+
+
+def weights_problem(model_name: str, weights: str) -> str | None:
+    """Why ``weights`` of ``model_name`` are not available without a download, or ``None``."""
+    if str(weights).lower() == "random":
+        return None
+    if os.path.isfile(os.path.expanduser(str(weights))):
+        return None
+    if str(weights).startswith("hf-hub:") or os.sep in str(weights):
+        return None
+    try:
+        import open_clip
+        from huggingface_hub import try_to_load_from_cache
+
+        config_name = model_name[: -len("-quickgelu")] if model_name.endswith("-quickgelu") else model_name
+        cfg = open_clip.get_pretrained_cfg(config_name, weights) or {}
+        hub_id = str(cfg.get("hf_hub", "")).rstrip("/")
+        if not hub_id:
+            return None
+        candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        repo_id = hub_id
+        if hub_id.count("/") >= 2:
+            repo_id, filename = hub_id.rsplit("/", 1)
+            candidates = [filename]
+        for filename in candidates:
+            found = try_to_load_from_cache(repo_id, filename)
+            if isinstance(found, str):
+                return None
+    except Exception as error:  # a broken cache must not stop start-up
+        return f"could not check the cache ({type(error).__name__})"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if offline:
+        return f"{model_name} / {weights} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    return f"{model_name} / {weights} is not in the Hugging Face cache yet (download on first use)"

@@ -1,0 +1,189 @@
+"""detector.service: fitted-detector cache (keys, LRU bound, isolation), calibration, fallback."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from detector import synthetic
+from detector.api import DetectionResult, Detector, WeightsUnavailableError
+from detector.images import fingerprint, load_image
+from detector.service import InspectionService, ServiceConfig
+
+
+class CountingDetector(Detector):
+    """A stand-in detector: score = mean absolute difference to the mean normal pixel value."""
+
+    display_name = "Counting"
+    requires_fit = True
+
+    def __init__(self, name: str, calls: dict, backbone_weights=None, **options):
+        super().__init__(class_name=options.pop("class_name", "object"))
+        self.name = name
+        self.options = options
+        self.backbone_weights = backbone_weights
+        self.calls = calls
+        self.reference = None
+
+    def _fit(self, images, progress):
+        self.calls["fit"] = self.calls.get("fit", 0) + 1
+        if progress is not None:
+            progress(0.5, "half way")
+        self.reference = float(np.mean([img.rgb.mean() for img in images])) if images else 0.0
+
+    def _predict(self, image):
+        self.calls["predict"] = self.calls.get("predict", 0) + 1
+        value = abs(float(image.rgb.mean()) - self.reference) / 255.0
+        h, w = image.size
+        return DetectionResult(self.name, value, np.full((h, w), value, np.float32), np.zeros((2, 2), np.float32), {}, {})
+
+    def describe(self):
+        return {"method": self.name, "backbone": "fake", "backbone_weights": str(self.backbone_weights),
+                "trained": True, "mode": "fake", "checkpoint": None}
+
+
+def counting_factory(calls, fail_unless_random=False):
+    def factory(name, *, backbone=None, backbone_weights=None, checkpoint=None, device="cpu", **options):
+        calls.setdefault("built", []).append((name, backbone_weights))
+        if fail_unless_random and backbone_weights != "random":
+            raise WeightsUnavailableError("ViT-X / tag is not in the Hugging Face cache. Provide the weights")
+        return CountingDetector(name, calls, backbone_weights=backbone_weights, **options)
+
+    return factory
+
+
+def flat(value: int, size=(24, 32)) -> np.ndarray:
+    return np.full((*size, 3), value, np.uint8)
+
+
+def test_same_normals_fit_once_and_different_sets_are_isolated():
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls))
+    set_a = [flat(100), flat(110)]
+    set_b = [flat(10), flat(20)]
+    first = service.inspect(["inctrl"], set_a, flat(200))
+    again = service.inspect(["inctrl"], [flat(100), flat(110)], flat(150))  # equal pixels, new arrays
+    assert calls["fit"] == 1 and service.fit_count == 1
+    assert again.outcomes[0].reused_fit and not first.outcomes[0].reused_fit
+    other = service.inspect(["inctrl"], set_b, flat(200))
+    assert calls["fit"] == 2
+    # Each normal set gives its own reference: |200-105| vs |200-15|.
+    assert first.outcomes[0].result.score == pytest.approx(95 / 255)
+    assert other.outcomes[0].result.score == pytest.approx(185 / 255)
+    # Set A's detector is untouched by fitting set B.
+    third = service.inspect(["inctrl"], set_a, flat(200))
+    assert third.outcomes[0].result.score == pytest.approx(95 / 255)
+    assert calls["fit"] == 2
+
+
+def test_cache_key_contains_method_options_and_fingerprint():
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls))
+    normals = [flat(50)]
+    service.inspect(["inctrl"], normals, flat(60), class_name="screw")
+    service.inspect(["inctrl"], normals, flat(60), class_name="bottle")
+    service.inspect(["anople"], normals, flat(60), class_name="screw", options={"anople": {"steps": 1}})
+    keys = service.cached_keys()
+    assert len(keys) == 3 and calls["fit"] == 3
+    digest = fingerprint([load_image(flat(50))])
+    assert keys[0][0] == "inctrl" and keys[0][2] == digest
+    assert ("class_name", "screw") in keys[0][1] and ("class_name", "bottle") in keys[1][1]
+    assert keys[2][0] == "anople" and ("steps", 1) in keys[2][1]
+    # Options a method does not accept are dropped, so they cannot split the cache.
+    assert service.options_for("inctrl", "screw", {"steps": 5, "heads": None}) == {"class_name": "screw"}
+
+
+def test_lru_bound_drops_least_recently_used():
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls), cache_size=2)
+    sets = [[flat(v)] for v in (10, 20, 30)]
+    service.inspect(["inctrl"], sets[0], flat(0))
+    service.inspect(["inctrl"], sets[1], flat(0))
+    service.inspect(["inctrl"], sets[0], flat(0))  # refresh set 0
+    service.inspect(["inctrl"], sets[2], flat(0))  # evicts set 1
+    assert len(service.cached_keys()) == 2 and calls["fit"] == 3
+    service.inspect(["inctrl"], sets[0], flat(0))
+    assert calls["fit"] == 3
+    service.inspect(["inctrl"], sets[1], flat(0))
+    assert calls["fit"] == 4
+    with pytest.raises(ValueError):
+        InspectionService(cache_size=0)
+
+
+def test_concurrent_requests_for_one_key_fit_once():
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls))
+    normals = [flat(70), flat(80)]
+    errors = []
+
+    def run():
+        try:
+            service.inspect(["inctrl"], normals, flat(90))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and calls["fit"] == 1 and calls["predict"] == 4
+
+
+def test_input_errors_name_the_problem():
+    service = InspectionService(factory=counting_factory({}))
+    with pytest.raises(ValueError, match="InCTRL needs at least 1 normal"):
+        service.inspect(["inctrl"], [], flat(1))
+    with pytest.raises(ValueError, match="at most 8"):
+        service.inspect(["inctrl"], [flat(i) for i in range(9)], flat(1))
+    with pytest.raises(ValueError, match="at least one method"):
+        service.inspect([], [flat(1)], flat(1))
+    with pytest.raises(ValueError, match="unknown method"):
+        service.inspect(["nope"], [flat(1)], flat(1))
+    with pytest.raises(ValueError, match="query"):
+        service.inspect(["inctrl"], [flat(1)], None)
+
+
+def test_weights_unavailable_falls_back_to_random_with_warning():
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls, fail_unless_random=True))
+    report = service.inspect(["inctrl"], [flat(1)], flat(2))
+    outcome = report.outcomes[0]
+    assert calls["built"] == [("inctrl", None), ("inctrl", "random")]
+    assert outcome.weights_fallback and "RANDOM weights" in outcome.weights_fallback
+    assert any("meaningless" in w for w in outcome.warnings)
+    assert "inctrl" in service.fallbacks
+    strict = InspectionService(ServiceConfig(fallback_to_random=False), factory=counting_factory({}, True))
+    with pytest.raises(WeightsUnavailableError):
+        strict.inspect(["inctrl"], [flat(1)], flat(2))
+
+
+def test_weights_status_without_building():
+    service = InspectionService(ServiceConfig(backbone="tiny-test", backbone_weights="random"))
+    assert service.weights_status("inctrl") == ("tiny-test", None)
+    offline = InspectionService(ServiceConfig())
+    model, problem = offline.weights_status("faprompt")
+    assert model == "ViT-L-14-336"
+    assert problem and "not in the Hugging Face cache" in problem  # no weights on the test machines
+
+
+def test_real_tiny_methods_calibrated_and_summarised():
+    """InCTRL and FAPrompt on the tiny backbone: leave-one-out calibration, summary fields."""
+    service = InspectionService(ServiceConfig(backbone="tiny-test", backbone_weights="random"))
+    normals = [synthetic.texture("weave", 3, (64, 64), i) for i in range(2)]
+    query, _ = synthetic.add_defect(synthetic.texture("weave", 3, (48, 72), 7), 1)
+    report = service.inspect(["InCTRL", "faprompt"], normals, query, class_name="fabric")
+    assert [o.method for o in report.outcomes] == ["inctrl", "faprompt"]
+    for outcome in report.outcomes:
+        assert outcome.result.anomaly_map.shape == (48, 72)
+        assert outcome.calibration.source.startswith("leave-one-out over 2")
+        summary = outcome.summary(0.5)
+        assert summary["verdict"] == ("anomalous" if summary["calibrated_score"] >= 0.5 else "normal")
+        assert summary["threshold"] == pytest.approx(outcome.calibration.image_threshold)
+        assert "random" in summary["weights"]
+        calibrated = outcome.calibrated_map()
+        assert calibrated.min() >= 0 and calibrated.max() <= 1
+    assert report.outcomes[0].description["class_name"] == "fabric"
+    assert report.summary(0.3)["methods"]["inctrl"]["threshold_calibrated"] == 0.3
