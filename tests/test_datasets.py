@@ -221,3 +221,29 @@ def test_malformed_roots_name_what_was_expected(tmp_path):
         datasets.test_samples("folder", empty)
     with pytest.raises(ValueError, match="unknown dataset kind"):
         datasets.list_categories("coco", empty)
+
+
+def test_make_dataset_command_writes_layouts_the_readers_accept(tmp_path, capsys):
+    from detector.__main__ import main as package_main
+
+    mvtec = tmp_path / "m"
+    argv = ["make-dataset", "--layout", "mvtec", "--out", str(mvtec), "--categories", "weave", "grain"]
+    assert package_main(argv + ["--size", "32", "--n-train", "3", "--n-test-good", "2", "--n-defect", "2"]) == 0
+    assert datasets.list_categories("mvtec", mvtec) == ["grain", "weave"]
+    assert len(datasets.train_normals("mvtec", mvtec, "weave")) == 3
+    samples = datasets.test_samples("mvtec", mvtec, "weave")
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1]
+    assert all(datasets.read_mask(s).any() for s in samples if s.label == 1)
+    first = (mvtec / "weave" / "train" / "good" / "000.png").read_bytes()
+
+    folder = tmp_path / "f"
+    assert package_main(["make-dataset", "--layout", "folder", "--out", str(folder), "--size", "32", "--n-good", "4", "--n-defect", "3"]) == 0
+    split = datasets.split_folder(folder, 1, 0)
+    assert len(split.test) == 3 + 3 and all(s.mask is not None for s in split.test if s.label == 1)
+    assert "wrote a synthetic folder-layout dataset" in capsys.readouterr().out
+
+    again = tmp_path / "again"
+    assert package_main(argv[:4] + [str(again)] + argv[5:] + ["--size", "32", "--n-train", "3", "--n-test-good", "2", "--n-defect", "2"]) == 0
+    assert (again / "weave" / "train" / "good" / "000.png").read_bytes() == first  # deterministic by seed
+    assert package_main(["make-dataset", "--layout", "folder", "--out", str(tmp_path / "x"), "--size", "4"]) == 2
+    assert "--size" in capsys.readouterr().err
