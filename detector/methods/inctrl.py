@@ -78,29 +78,23 @@ NORMAL_STATES = (
     "{} without damage",
 )
 ABNORMAL_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-#: The 22 templates in the official order (the order only affects float rounding of the mean).
-TEMPLATES = tuple(
-    f"a {style}photo of {article} {{}}{suffix}."
-    for style, pairs in (
-        ("cropped ", ("the", "a")),
-        ("close-up ", ("a", "the")),
-        ("bright ", ("a", "the")),
-        ("dark ", ("a", "the")),
-        ("jpeg corrupted ", ("a", "the")),
-        ("blurry ", ("the", "a")),
-        ("", ("the", "a")),
-    )
-    for article in pairs
-    for suffix in ("",)
-) + tuple(
-    f"a photo of {article} {{}}{suffix}."
-    for pairs, suffix in (
-        (("a small", "the small", "a large", "the large"), ""),
-        (("a", "the"), " for visual inspection"),
-        (("a", "the"), " for anomaly detection"),
-    )
-    for article in pairs
+#: The 22 templates in the official order (WinCLIP's compositional ensemble). Each pair is
+#: "a ... photo of {a|the} {}." in the order the official list has them; the order only
+#: affects the float rounding of the mean.
+_TEMPLATE_PAIRS = (
+    ("a cropped photo of {} {{}}.", ("the", "a")),
+    ("a close-up photo of {} {{}}.", ("a", "the")),
+    ("a bright photo of {} {{}}.", ("a", "the")),
+    ("a dark photo of {} {{}}.", ("a", "the")),
+    ("a jpeg corrupted photo of {} {{}}.", ("a", "the")),
+    ("a blurry photo of {} {{}}.", ("the", "a")),
+    ("a photo of {} {{}}.", ("the", "a")),
+    ("a photo of {} {{}}.", ("a small", "the small")),
+    ("a photo of {} {{}}.", ("a large", "the large")),
+    ("a photo of {} {{}} for visual inspection.", ("a", "the")),
+    ("a photo of {} {{}} for anomaly detection.", ("a", "the")),
 )
+TEMPLATES = tuple(pattern.format(article) for pattern, articles in _TEMPLATE_PAIRS for article in articles)
 #: Class names that get the single-prompt branch (CIFAR-10 names and "animal").
 SINGLE_PROMPT_CLASSES = frozenset(
     ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "animal")

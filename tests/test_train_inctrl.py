@@ -1,0 +1,104 @@
+"""The InCTRL training command (``python -m detector.train inctrl``) on a generated MVTec-layout dataset (tiny CLIP)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from detector import create_detector
+from detector.checkpoints import read_header, read_state_dict
+from detector.synthetic import write_mvtec_dataset
+from detector.training import inctrl as training
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_mvtec_dataset(
+        tmp_path_factory.mktemp("mvtec"), categories=("grating", "blobs"), n_train=4, n_test_good=2, n_test_defect=4, size=64
+    )
+
+
+def train(dataset, out, *extra: str) -> object:
+    parser = argparse.ArgumentParser()
+    training.configure_parser(parser)
+    args = parser.parse_args(
+        [
+            "--dataset", "mvtec",
+            "--root", str(dataset),
+            "--backbone", "tiny-test",
+            "--backbone-weights", "random",
+            "--shots", "2",
+            "--steps-per-epoch", "6",
+            "--batch-size", "8",
+            "--lr", "1e-2",
+            "--seed", "3",
+            "--out", str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+    return training.run(args)
+
+
+def test_training_lowers_the_loss_and_the_output_loads(dataset, tmp_path):
+    out = train(dataset, tmp_path / "heads.safetensors", "--epochs", "4")
+    header = read_header(out)
+    assert header["method"] == "inctrl" and header["backbone"] == "tiny-test"
+    assert header["shots"] == 2 and header["epoch"] == 4 and header["focal_on_probabilities"] is True
+    assert header["categories"] == ["blobs", "grating"]
+    losses = header["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(read_state_dict(out)) == sorted(training_head_keys())
+    for epoch in range(1, 5):
+        assert training.epoch_file(out, epoch).is_file() and training.optimizer_file(out, epoch).is_file()
+
+    detector = create_detector("inctrl", checkpoint=str(out), backbone_weights="random", class_name="grating")
+    assert detector.describe()["trained"] is True and detector.describe()["backbone"] == "tiny-test"
+    normals = sorted((dataset / "grating" / "train" / "good").glob("*.png"))[:2]
+    result = detector.fit(normals).predict(next((dataset / "grating" / "test").glob("*/000.png")))
+    assert 0.0 <= result.score <= 1.0 and not result.warnings
+    assert {"holistic_score", "image_residual_score"} <= set(result.extras)
+
+
+def test_resume_continues_from_the_last_epoch(dataset, tmp_path):
+    straight = train(dataset, tmp_path / "a" / "heads.safetensors", "--epochs", "2")
+    first = train(dataset, tmp_path / "b" / "heads.safetensors", "--epochs", "1")
+    resumed = train(dataset, first, "--epochs", "2", "--resume")
+    assert read_header(resumed)["epoch"] == 2
+    expected, actual = read_state_dict(straight), read_state_dict(resumed)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert read_header(resumed)["losses"] == pytest.approx(read_header(straight)["losses"], rel=1e-5)
+
+
+def test_focal_loss_forms():
+    probabilities = torch.tensor([0.2, 0.9])
+    labels = torch.tensor([0.0, 1.0])
+    # Official form: the probabilities go through another sigmoid.
+    p = torch.sigmoid(probabilities)
+    p_t = torch.where(labels > 0, p, 1 - p)
+    expected = ((1 - p_t) ** 2 * -torch.log(p_t)).mean()
+    assert float(training.binary_focal_loss(probabilities, labels, logits=True)) == pytest.approx(float(expected), rel=1e-6)
+    q_t = torch.where(labels > 0, probabilities, 1 - probabilities)
+    expected = ((1 - q_t) ** 2 * -torch.log(q_t)).mean()
+    assert float(training.binary_focal_loss(probabilities, labels, logits=False)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_training_data_follow_the_official_split(dataset):
+    data = training.collect_training_data("mvtec", dataset)
+    assert len(data.pools["grating"]) == 6  # 4 train/good + 2 test/good
+    assert len(data.anomalies) == 8 and len(data.normals) == 12
+    assert all(item.label == 1 and "good" not in item.image.parts for item in data.anomalies)
+
+
+def training_head_keys() -> list[str]:
+    from detector.methods.inctrl import InCTRLHeads
+
+    return list(InCTRLHeads(64, 64).state_dict())
+
+
+def test_cli_rejects_odd_batches(dataset, tmp_path):
+    with pytest.raises(ValueError, match="batch-size"):
+        train(dataset, tmp_path / "x.safetensors", "--batch-size", "7")
