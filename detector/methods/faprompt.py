@@ -627,12 +627,16 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
 
     Raises ``CheckpointError`` naming missing / unexpected keys and shape mismatches.
     """
+    header = read_header(path)
+    method = header.get("method")
+    if method is not None and method != "faprompt":
+        raise CheckpointError(f"{Path(str(path)).name} was written for the method {method!r}, not faprompt")
     state = read_state_dict(path, nested=("prompt_learner",) + NESTING_KEYS)
     check_keys(state, expected_shapes(learner), what=what)
     reference = learner.state_dict()
     converted = {k: v.to(reference[k].dtype) for k, v in state.items()}
     learner.load_state_dict(converted, strict=True)
-    return read_header(path)
+    return header
 
 
 # -- the detector ----------------------------------------------------------------------------

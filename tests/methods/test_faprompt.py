@@ -123,7 +123,6 @@ def test_vv_path_matches_hand_written_reference(tiny96):
         x_ori, x_vv = _reference_vision(tiny96.visual, images, 1)
         # one block by hand: dual attention of the first V-V block
         block = tiny96.visual.transformer.resblocks[1]
-        h = block.ln_1(encoder.embed(images))
         h = tiny96.visual.transformer.resblocks[0](encoder.embed(images))
         std, vv = fp.dual_attention(block, block.ln_1(h))
         heads = block.attn.num_heads
@@ -214,6 +213,11 @@ def test_wrong_checkpoints_raise(tmp_path, learned_file):
     torch.save({"prompt_learner": wrong}, tmp_path / "shape.pth")
     with pytest.raises(CheckpointError, match="ctx_pos"):
         create_detector("faprompt", backbone=TINY, checkpoint=str(tmp_path / "shape.pth"))
+    from detector.checkpoints import save_safetensors
+
+    save_safetensors(tmp_path / "anople.safetensors", state, {"method": "anople"})
+    with pytest.raises(CheckpointError, match="anople"):
+        create_detector("faprompt", backbone=TINY, checkpoint=str(tmp_path / "anople.safetensors"))
     other_method = {"adapter.fc.0.weight": torch.zeros(4, 4), "diff_head.fc.weight": torch.zeros(1, 4)}
     torch.save(other_method, tmp_path / "inctrl.pth")
     with pytest.raises(CheckpointError, match="unexpected keys.*adapter.fc.0.weight"):
