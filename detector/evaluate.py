@@ -245,6 +245,8 @@ def evaluate_run(
                 result = detector.predict(sample.image)
             except Exception as error:  # name the image, keep the original error
                 raise RuntimeError(f"{method} failed on {sample.image}: {error}") from error
+            if not math.isfinite(float(result.score)):
+                raise RuntimeError(f"{method} returned a non-finite score ({result.score}) for {sample.image}")
             labels.append(sample.label)
             scores.append(float(result.score))
             predictions.append(
