@@ -83,3 +83,16 @@ def test_losses_follow_official_definitions():
     assert float(training.abnormal_diversity_loss(same)) == pytest.approx(3.0, abs=1e-5)
     # focal-on-probabilities quirk: a score of 1 for an anomaly still has a sizeable loss
     assert float(training.binary_focal_loss_logits(torch.tensor([1.0]), torch.tensor([1.0]))) > 0.005
+
+
+def test_start_from_checkpoint_into_folder(dataset, tmp_path):
+    first = _train(dataset, tmp_path / "first.safetensors", 1)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    second = _train(dataset, folder, 1, "--checkpoint", str(first), "--lr", "0")
+    assert second == folder / "faprompt_mvtec.safetensors"
+    assert read_header(second)["initial_checkpoint"] == str(first)
+    from detector.checkpoints import read_state_dict
+
+    a, b = read_state_dict(first), read_state_dict(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the starting weights are kept

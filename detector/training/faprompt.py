@@ -61,7 +61,14 @@ DICE_SMOOTH = 1.0
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m detector.train faprompt``."""
     add_common_arguments(parser, method=False)
-    parser.set_defaults(seed=SEED)
+    for action in parser._actions:
+        if action.dest == "seed":
+            action.default = SEED
+            action.help = f"random seed (default: {SEED}, the official one)"
+        elif action.dest == "checkpoint":
+            action.help = "start from this prompt-learner file (official .pth or ours) instead of a random init"
+        elif action.dest == "out":
+            action.help = "output file, or a folder for faprompt_<dataset>.safetensors"
     parser.add_argument("--dataset", required=True, choices=datasets.KINDS, help="layout of the auxiliary dataset")
     parser.add_argument("--root", required=True, type=Path, help="dataset root folder")
     parser.add_argument("--categories", nargs="+", default=None, help="train on these categories only (default: all)")
@@ -279,13 +286,18 @@ def run(args: argparse.Namespace) -> Path:
     quick_gelu = True if model_name in (fp.DEFAULT_BACKBONE, TINY_TEST) else None
     backbone = load_backbone(model_name, weights, image_size=size, device=args.device, quick_gelu=quick_gelu)
     grid = backbone.grid_size
-    out = Path(args.out) if args.out else Path(f"faprompt_{args.dataset}.safetensors")
+    default_name = f"faprompt_{args.dataset}.safetensors"
+    out = Path(args.out) if args.out else Path(default_name)
+    if out.is_dir():
+        out = out / default_name
 
     learner = fp.FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=seed).to(backbone.device)
     model = fp.FAPromptModel(backbone, learner)
     optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr, betas=BETAS)
     history: list[dict[str, float]] = []
     start_epoch = 0
+    if args.checkpoint and not (args.resume and out.is_file()):
+        fp.load_learner_state(learner, args.checkpoint, what="the FAPrompt prompt learner to start from")
     if args.resume and out.is_file():
         header = read_header(out)
         fp.load_learner_state(learner, out, what="the FAPrompt prompt learner being resumed")
@@ -312,6 +324,7 @@ def run(args: argparse.Namespace) -> Path:
         "batch_size": int(args.batch_size),
         "lr": float(args.lr),
         "seed": seed,
+        "initial_checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "recipe": "official FAPrompt train.py (test split, Adam betas (0.5, 0.999), focal+dice, CE, focal-on-score, 0.1 L_ab, L_bias)",
     }
     learner.train()
