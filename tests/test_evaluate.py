@@ -195,3 +195,33 @@ def test_option_and_checkpoint_resolution():
     assert evaluate.resolve_pixel_size("full") is None and evaluate.resolve_pixel_size("128") == (128, 128)
     assert evaluate.format_value(None, None, True) == "n/a"
     assert evaluate.format_value(0.98765, 0.0123, True) == "98.77 ± 1.23"
+
+
+def test_visa_split_file_through_the_command(tmp_path, capsys):
+    """A VisA-style root: the split CSV points at images and label-map masks."""
+    methods = list_methods()
+    assert methods
+    method = "inctrl" if "inctrl" in methods else methods[0]
+    source = write_mvtec_dataset(tmp_path / "src", categories=("grain",), n_train=3, n_test_good=2, n_test_defect=2, size=48, seed=4)
+    root = tmp_path / "visa"
+    rows = [["object", "split", "label", "image", "mask"]]
+    for split, folder in (("train", "train/good"), ("test", "test/good")):
+        for image in sorted((source / "grain" / folder).glob("*.png")):
+            rows.append(["pcb9", split, "normal", str(image.relative_to(source.parent)), ""])
+    for mask in sorted((source / "grain" / "ground_truth").rglob("*_mask.png")):
+        image = source / "grain" / "test" / mask.parent.name / mask.name.replace("_mask", "")
+        label_map = tmp_path / "src" / "labels" / f"{mask.parent.name}.png"
+        label_map.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(label_map), (cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8) * 3)  # instance id 3
+        rows.append(["pcb9", "test", "anomaly", str(image.relative_to(source.parent)), str(label_map.relative_to(source.parent))])
+    (root / "split_csv").mkdir(parents=True)
+    with (root / "split_csv" / "1cls.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    (root / "src").symlink_to(source.parent / "src", target_is_directory=True)
+    out = tmp_path / "visa.json"
+    argv = ["--method", method, "--dataset", "visa", "--root", str(root), "--all-categories", "--shots", "1"]
+    assert evaluate.main(argv + TINY + _small_options([method]) + ["--out", str(out)]) == 0
+    run = json.loads(out.read_text())["methods"][method]["runs"]["pcb9"][0]
+    assert run["num_test"] == 4 and run["num_anomalous"] == 2
+    assert run["shots"][0].startswith("src/grain/train/good/")
+    assert run["metrics"]["aupro"] is not None and run["metrics"]["pixel_auroc"] is not None
