@@ -586,14 +586,15 @@ class FAPromptModel(nn.Module):
             classes.append(class_text_features(state.normal, features))
         return torch.stack(classes), torch.stack(abnormal), biases
 
-    def score(self, images: torch.Tensor, state: TextState) -> dict[str, torch.Tensor]:
-        """Official two-pass scoring of a batch.
+    def score_features(
+        self, global_features: torch.Tensor, patches: torch.Tensor, state: TextState
+    ) -> dict[str, torch.Tensor]:
+        """Official two-pass scoring of encoded images (``encode_images`` output).
 
-        Returns a dict with ``score (B,)``, ``text_prob (B,)``, ``pass1``/``pass2`` ``(B, 1+N, 2)``,
-        ``map (B, N)`` (combined, CLS excluded), ``global (B, E)``, ``patches (B, 1+N, E)``,
+        Returns a dict with ``score (B,)``, ``text_prob (B,)``, ``text_logits (B, 2)``,
+        ``pass1``/``pass2`` ``(B, 1+N, 2)``, ``map (B, N)`` (combined, CLS excluded),
         ``classes2 (B, 2, E)``, ``abnormal2 (B, 10, E)``, ``bias (B, W)``.
         """
-        global_features, patches = self.encode_images(images)
         pass1 = class_probabilities(patches, state.classes)
         classes2, abnormal2, bias = self.second_pass(patches, pass1, state)
         pass2 = class_probabilities(patches, classes2)
@@ -606,12 +607,14 @@ class FAPromptModel(nn.Module):
             "pass1": pass1,
             "pass2": pass2,
             "map": combined_map(pass1, pass2)[:, 1:],
-            "global": global_features,
-            "patches": patches,
             "classes2": classes2,
             "abnormal2": abnormal2,
             "bias": bias,
         }
+
+    def score(self, images: torch.Tensor, state: TextState) -> dict[str, torch.Tensor]:
+        """``score_features`` of ``encode_images(images)`` (``(B, 3, S, S)``)."""
+        return self.score_features(*self.encode_images(images), state)
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -765,28 +768,23 @@ class FAPromptDetector(Detector):
             with watch("encode"):
                 global_features, patches = self.model.encode_images(batch)
             with watch("score"):
-                pass1 = class_probabilities(patches, state.classes)
-                classes2, abnormal2, _ = self.model.second_pass(patches, pass1, state)
-                pass2 = class_probabilities(patches, classes2)
-                text_logits = (global_features.unsqueeze(1) @ classes2.transpose(1, 2)).squeeze(1) / TEMPERATURE
-                text_prob = text_logits.softmax(dim=-1)[:, 1]
-                score = image_score(text_prob, pass1, pass2)
+                out = self.model.score_features(global_features, patches, state)
                 rows, cols = self.grid
-                raw_map = combined_map(pass1, pass2)[0, 1:].reshape(rows, cols).float().cpu().numpy()
+                raw_map = out["map"][0].reshape(rows, cols).float().cpu().numpy()
             with watch("upsample"):
                 anomaly_map = maps.upsample_map(raw_map, geometry, sigma=self.map_sigma)
-        prompt_features = torch.cat([F.normalize(state.normal, dim=-1), F.normalize(abnormal2[0], dim=-1)])
+        prompt_features = torch.cat([F.normalize(state.normal, dim=-1), F.normalize(out["abnormal2"][0], dim=-1)])
         extras = {
-            "text_prob": float(text_prob[0]),
-            "max_patch_prob_pass1": float(pass1[0, 1:, 1].max()),
-            "max_patch_prob_pass2": float(pass2[0, 1:, 1].max()),
+            "text_prob": float(out["text_prob"][0]),
+            "max_patch_prob_pass1": float(out["pass1"][0, 1:, 1].max()),
+            "max_patch_prob_pass2": float(out["pass2"][0, 1:, 1].max()),
             "mode": "learned" if self.learned else "training-free",
             "_explain_patch_features": patches[0, 1:].float().cpu().numpy().astype(np.float32),
             "_explain_prompt_features": prompt_features.float().cpu().numpy().astype(np.float32),
         }
         return DetectionResult(
             method=self.name,
-            score=float(score[0]),
+            score=float(out["score"][0]),
             anomaly_map=anomaly_map.astype(np.float32, copy=False),
             raw_map=raw_map.astype(np.float32, copy=False),
             timings=watch.timings,

@@ -247,16 +247,13 @@ def batch_loss(
     """The official training loss of one batch (see the module docstring)."""
     state = model.text_state()
     loss_ab = abnormal_diversity_loss(state.abnormal)
-    pass1 = fp.class_probabilities(patches, state.classes)
-    classes2, _, bias = model.second_pass(patches, pass1, state)
-    pass2 = fp.class_probabilities(patches, classes2)
-    map1 = probability_maps(pass1, grid, size)
-    map2 = probability_maps(pass2, grid, size)
+    out = model.score_features(global_features, patches, state)
+    map1 = probability_maps(out["pass1"], grid, size)
+    map2 = probability_maps(out["pass2"], grid, size)
     loss_seg = segmentation_loss(map1, gt) + PASS2_WEIGHT * segmentation_loss(map2, gt)
-    text_logits = (global_features.unsqueeze(1) @ classes2.transpose(1, 2)).squeeze(1) / fp.TEMPERATURE
-    loss_img = F.cross_entropy(text_logits, labels.long())
-    score = fp.image_score(text_logits.softmax(-1)[:, 1], pass1, pass2)
-    loss_img2 = binary_focal_loss_logits(score, labels.float())
+    loss_img = F.cross_entropy(out["text_logits"], labels.long())
+    loss_img2 = binary_focal_loss_logits(out["score"], labels.float())
+    bias = out["bias"]
     normal = labels == 0
     loss_bias = (bias[normal] ** 2).mean(dim=1).sum() if normal.any() else bias.sum() * 0
     total = loss_seg + loss_img + loss_img2 + AB_WEIGHT * loss_ab + loss_bias
