@@ -1,15 +1,737 @@
-"""Gradio app (placeholder until the full UI lands): starts and says which weights it runs on."""
+"""Gradio app: a few normal images + a query, InCTRL / AnoPLe / FAPrompt side by side.
+
+The app only draws: decoding happens in ``detector.images``, fitting, caching and
+calibration in ``detector.service``, maps and overlays in ``detector.maps``.
+
+Run ``python app.py --help`` for the flags; each has an environment variable of the same
+name (``--backbone`` / ``DETECTOR_BACKBONE`` ...). ``import app`` never launches anything;
+tests call ``build_demo(config)``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
 import gradio as gr
+import numpy as np
+
+from detector import limits, maps
+from detector.api import DetectorError
+from detector.registry import get_method, list_methods
+from detector.service import (
+    InspectionReport,
+    InspectionService,
+    MethodOutcome,
+    ServiceConfig,
+    is_meaningless,
+    weights_text,
+)
+
+LOG = logging.getLogger("app")
+
+ROOT = Path(__file__).resolve().parent
+ASSETS_DIR = ROOT / "assets"
+TITLE = "CLIP anomaly inspection: InCTRL · AnoPLe · FAPrompt"
+
+#: Display order of the methods; any other registered method follows.
+PREFERRED_ORDER = ("inctrl", "anople", "faprompt")
+#: Contour colours of the comparison strip (RGB), distinct from each other and from jet's red.
+METHOD_COLOURS = {"inctrl": (255, 0, 255), "anople": (0, 220, 255), "faprompt": (255, 255, 255)}
+FALLBACK_COLOURS = [(255, 165, 0), (50, 205, 50), (255, 255, 0)]
+COLORMAP_CHOICES = list(maps.COLORMAPS)
+ANOPLE_PRESETS = ("fast", "faithful", "text_only")
+TABLE_HEADERS = ["method", "score", "calibrated", "threshold", "verdict", "time (s)", "weights", "calibration"]
+
+CSS = """
+#banner {border-radius: 8px; padding: 4px 14px;}
+#banner.warn {background: #fff4e5; border: 1px solid #f0a020;}
+#banner.note {background: #eef5ff; border: 1px solid #7aa7e8;}
+.method-col {border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 8px;}
+.verdict h3 {margin-bottom: 2px;}
+.small-text {font-size: 0.85em; opacity: 0.9;}
+#colorbar .bar {height: 14px; border-radius: 4px;}
+#colorbar .labels {display: flex; justify-content: space-between; font-size: 0.8em;}
+"""
 
 
-def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="CLIP anomaly inspection") as demo:
-        gr.Markdown("# CLIP anomaly inspection\nThe full interface is under construction.")
+# -----------------------------------------------------------------------------------------
+# Configuration
+# -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything ``python app.py`` can be told (flags and environment variables)."""
+
+    backbone: str | None = None
+    backbone_weights: str | None = None
+    inctrl_checkpoint: str | None = None
+    faprompt_checkpoint: str | None = None
+    anople_preset: str = "fast"
+    anople_steps: int | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    server_name: str | None = None
+    server_port: int | None = None
+    examples: bool = True
+    extra_method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def service_config(self) -> ServiceConfig:
+        options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.extra_method_options.items()}
+        anople = options.setdefault("anople", {})
+        anople.setdefault("preset", self.anople_preset)
+        if self.anople_steps:
+            anople.setdefault("steps", int(self.anople_steps))
+        return ServiceConfig(
+            backbone=self.backbone or None,
+            backbone_weights=self.backbone_weights or None,
+            checkpoints={"inctrl": self.inctrl_checkpoint or None, "faprompt": self.faprompt_checkpoint or None},
+            method_options=options,
+            device=self.device,
+        )
+
+
+#: (flag, environment variable(s), type, help). The first variable that is set wins.
+CONFIG_FLAGS: list[tuple[str, tuple[str, ...], type, str]] = [
+    ("--backbone", ("DETECTOR_BACKBONE",), str, "open_clip model for every method (default: each method's official one; 'tiny-test' = small random CLIP)"),
+    ("--backbone-weights", ("DETECTOR_BACKBONE_WEIGHTS",), str, "pretrained tag, local file, 'hf-hub:...' or 'random' for every method (default: official weights)"),
+    ("--inctrl-checkpoint", ("INCTRL_CHECKPOINT",), str, "InCTRL checkpoint (official .pyth or ours); none = training-free mode"),
+    ("--faprompt-checkpoint", ("FAPROMPT_CHECKPOINT",), str, "FAPrompt prompt-learner checkpoint; none = training-free word prompts"),
+    ("--anople-preset", ("ANOPLE_PRESET",), str, "AnoPLe preset: fast (default), faithful or text_only"),
+    ("--anople-steps", ("ANOPLE_STEPS",), int, "AnoPLe prompt-learning steps (default: the preset's)"),
+    ("--device", ("DETECTOR_DEVICE",), str, "torch device (default: cpu)"),
+    ("--threads", ("DETECTOR_THREADS",), int, "torch CPU threads (default: torch's choice)"),
+    ("--server-name", ("GRADIO_SERVER_NAME",), str, "host to listen on (default 127.0.0.1; 0.0.0.0 on Spaces)"),
+    ("--server-port", ("GRADIO_SERVER_PORT", "PORT"), int, "port (default: first free from 7860)"),
+]
+
+
+def config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="CLIP anomaly inspection app (InCTRL, AnoPLe, FAPrompt). Every flag can also be set by the "
+        "environment variable named in brackets; a flag wins over its variable.",
+    )
+    for flag, variables, kind, help_ in CONFIG_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_} [{' / '.join(variables)}]")
+    parser.add_argument(
+        "--no-examples", action="store_true", default=None, help="do not offer the example sets [DETECTOR_NO_EXAMPLES=1]"
+    )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Flags first, then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    args = config_parser().parse_args(list(argv) if argv is not None else None)
+    values: dict[str, Any] = {}
+    for flag, variables, kind, _ in CONFIG_FLAGS:
+        key = flag.lstrip("-").replace("-", "_")
+        value = getattr(args, key)
+        if value is None:
+            for variable in variables:
+                if environ.get(variable, "").strip():
+                    try:
+                        value = kind(environ[variable].strip())
+                    except ValueError:
+                        raise SystemExit(f"{variable}={environ[variable]!r} is not a valid {kind.__name__}") from None
+                    break
+        if value is not None:
+            values[key] = value
+    if values.get("anople_preset") not in (None, *ANOPLE_PRESETS):
+        raise SystemExit(f"--anople-preset must be one of {', '.join(ANOPLE_PRESETS)}")
+    no_examples = args.no_examples or environ.get("DETECTOR_NO_EXAMPLES", "").strip().lower() in {"1", "true", "yes"}
+    return AppConfig(examples=not no_examples, **values)
+
+
+# -----------------------------------------------------------------------------------------
+# Components
+# -----------------------------------------------------------------------------------------
+def pass_file_through(component: gr.Image) -> gr.Image:
+    """Make a ``type="filepath"`` image input hand over the uploaded file unopened, so that
+    ``detector.images`` alone decodes it (EXIF, modes, bombs) and reports unreadable files
+    with its own clear message (Gradio would otherwise open it with PIL first)."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path and not str(payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return original(payload)
+
+    component.preprocess = preprocess  # type: ignore[method-assign]
+    return component
+
+
+def ordered_methods() -> list[str]:
+    registered = list_methods()
+    first = [m for m in PREFERRED_ORDER if m in registered]
+    return first + [m for m in registered if m not in first]
+
+
+def display_name(method: str) -> str:
+    return get_method(method).display_name
+
+
+def method_colour(method: str, index: int) -> tuple[int, int, int]:
+    return METHOD_COLOURS.get(method, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+
+
+def colorbar_html(colormap: str) -> str:
+    """A small legend of the fixed 0..1 calibrated scale."""
+    colours = maps.colorize(np.linspace(0.0, 1.0, 11, dtype=np.float32)[None, :], colormap)[0]
+    stops = ", ".join(f"rgb({r},{g},{b})" for r, g, b in colours)
+    return (
+        f"<div id='colorbar-inner'><div class='bar' style='background: linear-gradient(to right, {stops});'></div>"
+        "<div class='labels'><span>0 · normal</span><span>0.5 · method threshold</span><span>1 · anomalous</span></div></div>"
+    )
+
+
+# -----------------------------------------------------------------------------------------
+# Drawing (pure functions of cached results: no model runs here)
+# -----------------------------------------------------------------------------------------
+def _line_width(image: np.ndarray) -> int:
+    return max(2, int(round(min(image.shape[:2]) / 160)))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def verdict_markdown(outcome: MethodOutcome, threshold: float) -> str:
+    calibrated = outcome.calibrated_score
+    anomalous = outcome.is_anomalous(threshold)
+    badge = "🔴 **ANOMALOUS**" if anomalous else "🟢 **NORMAL**"
+    lines = [
+        f"### {outcome.display_name}: {_fmt(calibrated)} → {badge}",
+        f"calibrated score vs threshold {threshold:.2f} · raw score {_fmt(outcome.result.score)} "
+        f"(method threshold {_fmt(outcome.raw_threshold(threshold))})",
+        f"<span class='small-text'>calibration: {outcome.calibration.source}"
+        f"{'' if outcome.calibration.source != 'default' else ' (uncalibrated fixed range)'} · "
+        f"{outcome.seconds:.2f} s{' · normals reused' if outcome.reused_fit else ''}</span>",
+    ]
+    return "\n\n".join(lines)
+
+
+def weights_markdown(method: str, description: Mapping[str, Any] | None, fallback: str | None = None) -> str:
+    """The per-method "which weights" panel, from ``describe()``."""
+    name = display_name(method)
+    if not description:
+        return f"**{name} weights:** loaded on first use."
+    trained = bool(description.get("trained", False))
+    mode = description.get("mode")
+    lines = [
+        f"**{name} weights** · backbone `{description.get('backbone')}` ({description.get('backbone_weights')}) · "
+        f"{description.get('image_size')} px",
+        f"checkpoint: `{description.get('checkpoint')}`" if description.get("checkpoint") else "checkpoint: none",
+        f"learned parts: {'trained' if trained else 'untrained'} · mode: {mode}",
+    ]
+    if method == "anople" and description.get("steps") is not None:
+        lines.append(f"prompts learned on your normal images ({description.get('steps')} steps, preset {description.get('preset')})")
+    if fallback or is_meaningless(description):
+        lines.append("⚠️ **random backbone weights: scores and maps are meaningless**")
+    elif not trained and mode == "training-free":
+        lines.append("ℹ️ training-free mode: no trained checkpoint is configured")
+    return "\n\n".join(lines)
+
+
+def comparison_image(report: InspectionReport, threshold: float) -> np.ndarray:
+    image = report.query.rgb
+    width = _line_width(image)
+    for index, outcome in enumerate(report.outcomes):
+        mask = maps.threshold_mask(outcome.calibrated_map(), threshold)
+        image = maps.draw_contours(image, mask, method_colour(outcome.method, index), width)
+    return image
+
+
+def comparison_legend(report: InspectionReport | None) -> str:
+    if report is None:
+        return ""
+    parts = []
+    for index, outcome in enumerate(report.outcomes):
+        r, g, b = method_colour(outcome.method, index)
+        parts.append(f"<span style='color: rgb({r},{g},{b}); text-shadow: 0 0 2px #000;'>■</span> {outcome.display_name}")
+    return "Contours at the threshold: " + " &nbsp; ".join(parts)
+
+
+def table_rows(report: InspectionReport, threshold: float) -> list[list[Any]]:
+    rows = []
+    for outcome in report.outcomes:
+        s = outcome.summary(threshold)
+        rows.append(
+            [
+                outcome.display_name,
+                round(s["score"], 4),
+                round(s["calibrated_score"], 4),
+                round(s["threshold"], 4),
+                s["verdict"],
+                round(s["seconds"], 2),
+                s["weights"],
+                s["calibration"],
+            ]
+        )
+    return rows
+
+
+def banner_markdown(service: InspectionService, methods: Sequence[str]) -> tuple[str, str]:
+    """``(markdown, css class)`` of the banner on top: random/missing weights, downloads."""
+    warnings, notes = [], []
+    config = service.config
+    if str(config.backbone_weights or "").lower() == "random" or config.backbone == "tiny-test":
+        warnings.append(
+            f"The app is configured with random weights (backbone `{config.backbone or 'official'}`, "
+            f"weights `{config.backbone_weights or 'random'}`): **scores and maps are meaningless**; this is a test set-up."
+        )
+    else:
+        for method in methods:
+            fallback = service.fallbacks.get(method)
+            model, problem = service.weights_status(method)
+            if fallback:
+                warnings.append(f"**{display_name(method)}**: {fallback}.")
+            elif problem and "HF_HUB_OFFLINE" in problem or (problem and "could not" in problem):
+                warnings.append(
+                    f"**{display_name(method)}**: {problem}; it runs the official architecture ({model}) with "
+                    "**random weights: scores are meaningless**."
+                )
+            elif problem:
+                notes.append(f"{display_name(method)}: {problem}.")
+    training_free = [display_name(m) for m in methods if m in ("inctrl", "faprompt") and not config.checkpoints.get(m)]
+    if training_free:
+        notes.append(
+            f"{' and '.join(training_free)} run in training-free mode: no trained checkpoint is configured "
+            "(none is hosted publicly)."
+        )
+    if warnings:
+        return "⚠️ " + "<br>⚠️ ".join(warnings) + ("<br>ℹ️ " + " ".join(notes) if notes else ""), "warn"
+    if notes:
+        return "ℹ️ " + " ".join(notes), "note"
+    return "", "note"
+
+
+# -----------------------------------------------------------------------------------------
+# Event handlers
+# -----------------------------------------------------------------------------------------
+class InspectionApp:
+    """The event handlers of one demo: they call the service and draw its results."""
+
+    def __init__(self, config: AppConfig, service: InspectionService | None = None) -> None:
+        self.config = config
+        self.service = service or InspectionService(config.service_config())
+        self.methods = ordered_methods()
+
+    # -- input handling --------------------------------------------------------------------
+    @staticmethod
+    def gallery_paths(gallery: Any) -> list[str]:
+        """Paths from a Gallery value: ``None`` or a list of ``(path, caption)`` / paths / dicts."""
+        paths = []
+        for item in gallery or []:
+            if isinstance(item, (list, tuple)):
+                item = item[0]
+            if isinstance(item, dict):
+                item = (item.get("image") or {}).get("path") if isinstance(item.get("image"), dict) else item.get("path")
+            if item is not None:
+                paths.append(str(item))
+        return paths
+
+    def chosen_methods(self, methods: Sequence[str] | None) -> list[str]:
+        chosen = []
+        for name in methods or []:
+            try:
+                key = get_method(name).name
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+            if key not in chosen:
+                chosen.append(key)
+        return [m for m in self.methods if m in chosen]
+
+    def method_overrides(self, anople_preset: str | None, anople_steps: float | None, sigma: float | None) -> dict:
+        overrides: dict[str, dict[str, Any]] = {}
+        anople: dict[str, Any] = {}
+        if anople_preset:
+            if anople_preset not in ANOPLE_PRESETS:
+                raise gr.Error(f"AnoPLe preset must be one of {', '.join(ANOPLE_PRESETS)}, got {anople_preset!r}")
+            anople["preset"] = anople_preset
+        if anople_steps is not None and float(anople_steps) > 0:
+            anople["steps"] = int(anople_steps)
+        if anople:
+            overrides["anople"] = anople
+        if sigma is not None and str(sigma) != "" and float(sigma) >= 0:
+            for method in self.methods:
+                overrides.setdefault(method, {})["sigma"] = float(sigma)
+        elif sigma is not None and str(sigma) != "":
+            raise gr.Error(f"smoothing sigma must be >= 0 (empty = each method's default), got {sigma}")
+        return overrides
+
+    # -- the main endpoint --------------------------------------------------------------------
+    def detect(
+        self,
+        normals: Any,
+        query: Any,
+        methods: Sequence[str] | None,
+        object_name: str | None = "object",
+        threshold: float = 0.5,
+        alpha: float = 0.5,
+        colormap: str = "jet",
+        anople_preset: str | None = None,
+        sigma: float | None = None,
+        anople_steps: float | None = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
+        report = self.run(normals, query, methods, object_name, alpha, colormap, anople_preset, sigma, anople_steps, progress)
+        if report is None:
+            return (*self.empty_outputs(), None)
+        return (*self.render(report, threshold, alpha, colormap), report)
+
+    def detect_example(self, normals: Any, query: Any, methods: Sequence[str], object_name: str, threshold: float) -> tuple:
+        """Examples pass the five main inputs; advanced settings keep their defaults."""
+        return self.detect(normals, query, methods, object_name, threshold, progress=None)
+
+    def run(self, normals, query, methods, object_name, alpha, colormap, anople_preset, sigma, anople_steps, progress):
+        chosen = self.chosen_methods(methods)
+        if query is None or query == "":
+            raise gr.Error("Upload a query image (the image to inspect) first.")
+        if not chosen:
+            gr.Warning("No method is ticked: choose at least one of " + ", ".join(display_name(m) for m in self.methods) + ".")
+            return None
+        paths = self.gallery_paths(normals)
+        if len(paths) > limits.MAX_NORMAL_IMAGES:
+            raise gr.Error(
+                f"{len(paths)} normal images uploaded, at most {limits.MAX_NORMAL_IMAGES} are accepted: "
+                f"remove {len(paths) - limits.MAX_NORMAL_IMAGES} of them."
+            )
+        few_shot = [display_name(m) for m in chosen if get_method(m).requires_fit]
+        if not paths and few_shot:
+            raise gr.Error(
+                f"{' and '.join(few_shot)} need{'s' if len(few_shot) == 1 else ''} 1–{limits.MAX_NORMAL_IMAGES} normal "
+                "images: upload images of defect-free parts, or untick "
+                f"{'it' if len(few_shot) == 1 else 'them'} (FAPrompt works without normal images)."
+            )
+        if colormap not in maps.COLORMAPS:
+            raise gr.Error(f"colormap must be one of {', '.join(maps.COLORMAPS)}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise gr.Error("overlay alpha must be between 0 and 1")
+        overrides = self.method_overrides(anople_preset, anople_steps, sigma)
+        callback = None
+        if progress is not None:
+
+            def callback(fraction: float, message: str) -> None:
+                progress(fraction, desc=message)
+
+        try:
+            return self.service.inspect(
+                chosen,
+                paths,
+                query,
+                class_name=(object_name or "object").strip() or "object",
+                options=overrides,
+                progress=callback,
+            )
+        except gr.Error:
+            raise
+        except (DetectorError, ValueError) as error:
+            LOG.warning("request refused: %s", error)
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # keep serving; the log has the traceback
+            LOG.exception("inspection failed")
+            raise gr.Error(f"The inspection failed ({type(error).__name__}: {error}). See the server log.") from None
+
+    # -- drawing ----------------------------------------------------------------------------
+    def render(self, report: InspectionReport, threshold: float, alpha: float, colormap: str) -> tuple:
+        threshold = float(threshold)
+        by_method = {o.method: o for o in report.outcomes}
+        summary = report.summary(threshold)
+        per_method: list[Any] = []
+        for method in self.methods:
+            outcome = by_method.get(method)
+            if outcome is None:
+                per_method += ["", None, None, None, weights_markdown(method, None)]
+                continue
+            calibrated = outcome.calibrated_map()
+            query = report.query.rgb
+            heat = maps.overlay(query, calibrated, alpha=float(alpha), colormap=colormap)
+            contour = maps.draw_contours(query, maps.threshold_mask(calibrated, threshold), (255, 0, 0), _line_width(query))
+            raw = maps.grid_image(outcome.result.raw_map, query.shape[:2], colormap=colormap)
+            per_method += [
+                verdict_markdown(outcome, threshold),
+                heat,
+                contour,
+                raw,
+                weights_markdown(method, outcome.description, outcome.weights_fallback),
+            ]
+        banner, _ = banner_markdown(self.service, self.methods)
+        warnings = sorted({w for o in report.outcomes for w in o.warnings} | set(report.query.warnings))
+        notes = "\n".join(f"- {w}" for w in warnings)
+        return (
+            summary,
+            comparison_image(report, threshold),
+            comparison_legend(report),
+            table_rows(report, threshold),
+            *per_method,
+            notes,
+            banner,
+        )
+
+    def empty_outputs(self) -> tuple:
+        per_method: list[Any] = []
+        for method in self.methods:
+            per_method += ["", None, None, None, weights_markdown(method, None)]
+        banner, _ = banner_markdown(self.service, self.methods)
+        return ({"methods": {}}, None, "", [], *per_method, "", banner)
+
+    def rerender(self, report: InspectionReport | None, threshold: float, alpha: float, colormap: str) -> tuple:
+        """Threshold / alpha / colormap changed: redraw from the cached report, no model runs."""
+        if report is None:
+            return tuple(gr.skip() for _ in range(self.num_render_outputs))
+        return self.render(report, threshold, alpha, colormap)
+
+    @property
+    def num_render_outputs(self) -> int:
+        return 4 + 5 * len(self.methods) + 2
+
+    def column_visibility(self, methods: Sequence[str] | None) -> list:
+        try:
+            chosen = self.chosen_methods(methods)
+        except gr.Error:
+            chosen = []
+        return [gr.update(visible=m in chosen) for m in self.methods]
+
+    def shots_text(self, normals: Any) -> str:
+        count = len(self.gallery_paths(normals))
+        if count > limits.MAX_NORMAL_IMAGES:
+            return f"⚠️ **{count} normal images**: at most {limits.MAX_NORMAL_IMAGES} are accepted, remove {count - limits.MAX_NORMAL_IMAGES}."
+        if count == 0:
+            return "**0-shot**: only FAPrompt can run without normal images."
+        return f"**{count}-shot**: {count} normal image{'s' if count != 1 else ''} (limit {limits.MAX_NORMAL_IMAGES})."
+
+
+# -----------------------------------------------------------------------------------------
+# Examples
+# -----------------------------------------------------------------------------------------
+def example_rows(methods: Sequence[str]) -> tuple[list[list[Any]], list[str]]:
+    """Rows of ``assets/examples/*/`` (normal_*.png + query_*.png) for ``gr.Examples``."""
+    rows, labels = [], []
+    root = ASSETS_DIR / "examples"
+    names = [display_name(m) for m in methods]
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+        normals = sorted(str(p) for p in folder.glob("normal_*.png"))
+        for query in sorted(folder.glob("query_*.png")):
+            rows.append([normals, str(query), names, folder.name.split("-")[0], 0.5])
+            labels.append(f"{folder.name} · {query.stem.replace('query_', '')}")
+    return rows, labels
+
+
+# -----------------------------------------------------------------------------------------
+# Layout
+# -----------------------------------------------------------------------------------------
+def build_demo(config: AppConfig | None = None, service: InspectionService | None = None) -> gr.Blocks:
+    """The whole UI; nothing is loaded until the first request. ``demo.inspection_app``
+    holds the handlers (and ``.service``) for tests."""
+    config = config or AppConfig()
+    handlers = InspectionApp(config, service)
+    methods = handlers.methods
+    names = [display_name(m) for m in methods]
+    banner_text, banner_class = banner_markdown(handlers.service, methods)
+
+    with gr.Blocks(title=TITLE, fill_width=True, delete_cache=(3600, 7200)) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nUpload a few images of a **normal** part and one **query** image. Each method scores the "
+            "query and draws where it looks anomalous. Scores and maps are **calibrated per method** "
+            "(0.5 = that method's threshold), so one slider decides for all of them."
+        )
+        banner = gr.Markdown(banner_text, elem_id="banner", elem_classes=[banner_class])
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                normals = gr.Gallery(
+                    type="filepath",
+                    file_types=["image"],
+                    columns=4,
+                    height=220,
+                    interactive=True,
+                    label=f"Normal images (1–{limits.MAX_NORMAL_IMAGES} defect-free examples)",
+                    elem_id="normals",
+                )
+                shots = gr.Markdown(handlers.shots_text(None), elem_id="shots")
+            with gr.Column(scale=3):
+                query = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    height=260,
+                    label="Query image (to inspect)",
+                    elem_id="query",
+                )
+                pass_file_through(query)
+            with gr.Column(scale=3):
+                method_choice = gr.CheckboxGroup(names, value=names, label="Methods", elem_id="methods")
+                object_name = gr.Textbox(
+                    value="object", label="Object name (used in text prompts)", max_lines=1, elem_id="object-name"
+                )
+                threshold = gr.Slider(
+                    0.0, 1.0, value=0.5, step=0.01, label="Decision threshold (calibrated; 0.5 = each method's own)",
+                    elem_id="threshold",
+                )
+                with gr.Row():
+                    run = gr.Button("Run", variant="primary", elem_id="run")
+                    clear = gr.ClearButton(value="Clear")
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay alpha")
+                    colormap = gr.Dropdown(COLORMAP_CHOICES, value="jet", label="Colormap")
+                    show_raw = gr.Checkbox(value=False, label="Show raw patch-grid maps (not calibrated)")
+                    anople_preset = gr.Dropdown(
+                        list(ANOPLE_PRESETS), value=config.anople_preset, label="AnoPLe preset"
+                    )
+                    anople_steps = gr.Number(
+                        value=config.anople_steps, precision=0, minimum=0,
+                        label="AnoPLe fit steps (empty or 0 = the preset's)",
+                    )
+                    sigma = gr.Number(value=None, minimum=0, label="Smoothing sigma in model pixels (empty = each method's)")
+                    gr.Markdown(
+                        f"Backbone: `{config.backbone or 'official per method'}` · weights: "
+                        f"`{config.backbone_weights or 'official per method'}` · device `{config.device}`. "
+                        "The models are built on first use and then kept in memory; normal images are encoded "
+                        "(and AnoPLe's prompts learned) once per normal set."
+                    )
+
+        colorbar = gr.HTML(colorbar_html("jet"), elem_id="colorbar")
+        columns, per_method_outputs, raw_images = [], [], []
+        with gr.Row(equal_height=False):
+            for method in methods:
+                with gr.Column(elem_classes=["method-col"], elem_id=f"col-{method}", min_width=260) as column:
+                    header = gr.Markdown(f"### {display_name(method)}", elem_id=f"verdict-{method}", elem_classes=["verdict"])
+                    overlay_img = gr.Image(
+                        format="png", interactive=False, height=260, label=f"{display_name(method)} · anomaly map (calibrated)",
+                        elem_id=f"overlay-{method}", buttons=["download", "fullscreen"],
+                    )
+                    contour_img = gr.Image(
+                        format="png", interactive=False, height=260, label=f"{display_name(method)} · region ≥ threshold",
+                        elem_id=f"contour-{method}", buttons=["download", "fullscreen"],
+                    )
+                    raw_img = gr.Image(
+                        format="png", interactive=False, height=200, visible=False,
+                        label=f"{display_name(method)} · raw patch grid (own range, not calibrated)",
+                        elem_id=f"raw-{method}",
+                    )
+                    info = gr.Markdown(weights_markdown(method, None), elem_id=f"weights-{method}", elem_classes=["small-text"])
+                columns.append(column)
+                raw_images.append(raw_img)
+                per_method_outputs += [header, overlay_img, contour_img, raw_img, info]
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                strip = gr.Image(format="png", interactive=False, height=300, label="All methods: contours on the query", elem_id="comparison")
+                legend = gr.Markdown("", elem_id="legend")
+            with gr.Column(scale=5):
+                table = gr.Dataframe(
+                    headers=TABLE_HEADERS, datatype=["str", "number", "number", "number", "str", "number", "str", "str"],
+                    interactive=False, column_count=len(TABLE_HEADERS), label="Summary", elem_id="scores",
+                    buttons=["copy"], wrap=True,
+                )
+                notes = gr.Markdown("", elem_id="notes")
+                with gr.Accordion("JSON summary", open=False):
+                    summary = gr.JSON(label="summary", elem_id="summary")
+        with gr.Accordion("About the methods and weights", open=False):
+            gr.Markdown(ABOUT_TEXT)
+
+        state = gr.State(None)
+        render_outputs = [summary, strip, legend, table, *per_method_outputs, notes, banner]
+        main_inputs = [normals, query, method_choice, object_name, threshold]
+        advanced_inputs = [alpha, colormap, anople_preset, sigma, anople_steps]
+
+        run.click(
+            handlers.detect,
+            inputs=main_inputs + advanced_inputs,
+            outputs=render_outputs + [state],
+            api_name="detect",
+            api_description="Score a query against 0-8 normal images with the chosen methods. Returns a JSON summary, then images.",
+            time_limit=limits.REQUEST_TIMEOUT_SECONDS,
+        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        for control in (threshold, alpha, colormap):
+            control.change(
+                handlers.rerender,
+                inputs=[state, threshold, alpha, colormap],
+                outputs=render_outputs,
+                api_visibility="private",
+                show_progress="hidden",
+                concurrency_limit=4,
+                concurrency_id="rerender",
+            )
+        colormap.change(colorbar_html, inputs=[colormap], outputs=[colorbar], api_visibility="private", queue=False)
+        show_raw.change(
+            lambda show: [gr.update(visible=bool(show)) for _ in raw_images],
+            inputs=[show_raw], outputs=raw_images, api_visibility="private", queue=False,
+        )
+        method_choice.change(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        normals.change(handlers.shots_text, inputs=[normals], outputs=[shots], api_visibility="private", queue=False)
+        clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::5]])
+
+        if config.examples:
+            rows, labels = example_rows(methods)
+            if rows:
+                gr.Examples(
+                    rows,
+                    inputs=main_inputs,
+                    outputs=render_outputs + [state],
+                    fn=handlers.detect_example,
+                    cache_examples=True,
+                    cache_mode="lazy",
+                    example_labels=labels,
+                    label="Examples (synthetic textures; click one, results are cached after the first run)",
+                    examples_per_page=6,
+                )
+
+    demo.queue(default_concurrency_limit=limits.MAX_CONCURRENT_JOBS, max_size=limits.MAX_QUEUED_JOBS)
+    demo.inspection_app = handlers  # type: ignore[attr-defined]
     return demo
 
 
+ABOUT_TEXT = """
+**InCTRL** (CVPR 2024, few-shot): compares the query's patch tokens with those of the normal images at three
+ViT layers and adds a text prior; official backbone `ViT-B-16-plus-240` / `laion400m_e32` at 240 px. Without a
+trained checkpoint it runs training-free: score = (text score + largest patch residual) / 2.
+
+**AnoPLe** (few-shot, normal images only): text and visual prompts learned on your normal images at `fit`
+(a reconstruction: the paper released no code), scored with prompt logits, a decoder and a memory bank; OpenAI
+`ViT-B-16` at 224 px. Fitting takes the most time; it happens once per normal set.
+
+**FAPrompt** (zero-shot): fine-grained abnormality prompts; OpenAI `ViT-L-14-336` at 518 px. Without a
+trained checkpoint it uses word prompts (training-free). Normal images only serve its calibration.
+
+**Calibration**: each method's score and map are mapped with anomalib's rule
+`clip((x - threshold) / (max - min) + 0.5, 0, 1)`; the range and threshold come from a record stored with a
+checkpoint, else leave-one-out over the uploaded normals (k ≥ 2: the highest normal value plus a 2 % margin),
+else the method's documented fixed range ("default"). Never per-image min-max.
+
+**Limits**: 1–8 normal images, files up to 10 MB, one request at a time (CPU). Models and weights are cached
+under `HF_HOME`.
+"""
+
+
+def launch_kwargs(config: AppConfig) -> dict[str, Any]:
+    """Keyword arguments of ``demo.launch`` for ``config``."""
+    return dict(
+        server_name=config.server_name or None,
+        server_port=config.server_port or None,
+        max_file_size=limits.MAX_UPLOAD_BYTES,
+        allowed_paths=[str(ASSETS_DIR)],
+        theme=gr.themes.Soft(primary_hue="blue"),
+        css=CSS,
+        show_error=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_config(argv)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
+    demo = build_demo(config)
+    demo.launch(**launch_kwargs(config))
+
+
 if __name__ == "__main__":
-    build_demo().launch()
+    main()

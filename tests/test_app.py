@@ -1,0 +1,251 @@
+"""The Gradio app in-process through gradio_client, on the tiny random backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from detector import create_detector, synthetic
+from detector.service import InspectionService
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERY_SIZE = (48, 80)  # (height, width), deliberately not square
+
+
+class CountingFactory:
+    """``create_detector`` that counts builds, fits and predictions."""
+
+    def __init__(self):
+        self.built = 0
+        self.fits = 0
+        self.predicts = 0
+
+    def __call__(self, name, **kwargs):
+        detector = create_detector(name, **kwargs)
+        self.built += 1
+        fit, predict = detector.fit, detector.predict
+
+        def counted_fit(*args, **kw):
+            self.fits += 1
+            return fit(*args, **kw)
+
+        def counted_predict(*args, **kw):
+            self.predicts += 1
+            return predict(*args, **kw)
+
+        detector.fit, detector.predict = counted_fit, counted_predict
+        return detector
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app_images")
+    paths = {}
+    for i in range(2):
+        paths[f"normal{i}"] = folder / f"normal{i}.png"
+        Image.fromarray(synthetic.texture("weave", 2, 64, i)).save(paths[f"normal{i}"])
+    for name, seed in (("query", 1), ("query2", 2)):
+        defective, _ = synthetic.add_defect(synthetic.texture("weave", 2, QUERY_SIZE, 10 + seed), seed)
+        paths[name] = folder / f"{name}.png"
+        Image.fromarray(defective).save(paths[name])
+    paths["garbage"] = folder / "broken.png"
+    paths["garbage"].write_bytes(b"this is not an image at all" * 10)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from gradio_client import Client
+
+    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", anople_steps=1)
+    factory = CountingFactory()
+    service = InspectionService(config.service_config(), factory=factory)
+    demo = app.build_demo(config, service=service)
+    assert factory.built == 0, "building the UI must not build any model"
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    downloads = tmp_path_factory.mktemp("client_downloads")
+    client = Client(url, verbose=False, download_files=str(downloads))
+    try:
+        yield demo, client, factory
+    finally:
+        demo.close()
+
+
+def gallery(*paths):
+    from gradio_client import handle_file
+
+    return [{"image": handle_file(str(p)), "caption": None} for p in paths]
+
+
+def detect(client, normals, query, methods, threshold=0.5, **kw):
+    from gradio_client import handle_file
+
+    return client.predict(
+        normals, handle_file(str(query)) if query is not None else None, methods, "fabric", threshold,
+        api_name="/detect", **kw,
+    )
+
+
+def per_method(outputs, methods_order):
+    """Split the flat outputs into {method: (header, overlay, contour, raw, info)}."""
+    block = outputs[4:4 + 5 * len(methods_order)]
+    return {m: tuple(block[5 * i:5 * i + 5]) for i, m in enumerate(methods_order)}
+
+
+def test_detect_runs_each_method_with_summary_overlay_and_table(served, images):
+    demo, client, factory = served
+    order = demo.inspection_app.methods
+    outputs = detect(client, gallery(images["normal0"], images["normal1"]), images["query"], ["InCTRL", "AnoPLe", "FAPrompt"])
+    summary, strip, legend, table = outputs[:4]
+    assert set(summary["methods"]) == {"inctrl", "anople", "faprompt"}
+    for entry in summary["methods"].values():
+        for key in ("score", "calibrated_score", "threshold", "verdict", "seconds", "weights", "calibration", "warnings"):
+            assert key in entry
+        assert entry["verdict"] == ("anomalous" if entry["calibrated_score"] >= 0.5 else "normal")
+        assert entry["calibration"].startswith("leave-one-out over 2 normals")
+        assert "random" in entry["weights"]
+    assert (summary["query"]["height"], summary["query"]["width"]) == QUERY_SIZE
+    assert table["headers"] == app.TABLE_HEADERS
+    assert [row[0] for row in table["data"]] == ["InCTRL", "AnoPLe", "FAPrompt"]
+    assert np.array(Image.open(strip)).shape[:2] == QUERY_SIZE
+    for method, (header, overlay, contour, raw, info) in per_method(outputs, order).items():
+        assert header.startswith(f"### {app.display_name(method)}")
+        for path in (overlay, contour, raw):
+            assert np.array(Image.open(path)).shape == (*QUERY_SIZE, 3)
+        assert "random" in info and "meaningless" in info
+    assert "meaningless" in outputs[-1]  # banner
+
+    # Only the chosen methods run; the others' outputs stay empty.
+    fits = factory.fits
+    outputs = detect(client, gallery(images["normal0"], images["normal1"]), images["query"], ["FAPrompt"])
+    assert list(outputs[0]["methods"]) == ["faprompt"]
+    blocks = per_method(outputs, order)
+    assert blocks["inctrl"][1] is None and blocks["faprompt"][1] is not None
+    assert factory.fits == fits  # FAPrompt was fitted on these normals already
+
+
+def test_new_query_with_same_normals_reuses_fit(served, images):
+    _, client, factory = served
+    normals = gallery(images["normal1"], images["normal0"])  # a new normal set (other order)
+    detect(client, normals, images["query"], ["InCTRL", "AnoPLe"])
+    fits, predicts = factory.fits, factory.predicts
+    outputs = detect(client, gallery(images["normal1"], images["normal0"]), images["query2"], ["InCTRL", "AnoPLe"])
+    assert factory.fits == fits, "same normals: nothing may be fitted again"
+    assert factory.predicts == predicts + 2
+    assert all(entry["reused_fit"] for entry in outputs[0]["methods"].values())
+
+
+def test_threshold_redraws_from_state_without_running_models(served, images):
+    demo, _, factory = served
+    handlers = demo.inspection_app
+    outputs = handlers.detect(
+        [(str(images["normal0"]), None), (str(images["normal1"]), None)], str(images["query"]),
+        ["InCTRL", "FAPrompt"], "fabric", 0.5, progress=None,
+    )
+    report = outputs[-1]
+    predicts, fits = factory.predicts, factory.fits
+    low = handlers.rerender(report, 0.0, 0.5, "jet")
+    high = handlers.rerender(report, 1.0, 0.5, "jet")
+    assert (factory.predicts, factory.fits) == (predicts, fits)
+    for method, entry in low[0]["methods"].items():
+        assert entry["verdict"] == "anomalous"
+        calibrated = entry["calibrated_score"]
+        assert high[0]["methods"][method]["verdict"] == ("anomalous" if calibrated >= 1.0 else "normal")
+        assert high[0]["methods"][method]["score"] == entry["score"]
+        assert high[0]["methods"][method]["threshold"] > entry["threshold"]
+    # At threshold 0 the whole image is the region: its contour runs along the border.
+    contour_low = per_method(low, handlers.methods)["inctrl"][2]
+    contour_high = per_method(high, handlers.methods)["inctrl"][2]
+    assert not np.array_equal(contour_low, contour_high)
+    assert np.all(contour_low[0] == (255, 0, 0))
+    # The slider's change event is wired to this redraw (and the redraw takes the cached state).
+    slider_events = [
+        fn for fn in demo.fns.values()
+        if any(t[1] == "change" and t[0] == _block_id(demo, "threshold") for t in fn.targets)
+    ]
+    assert slider_events and all(fn.fn == handlers.rerender for fn in slider_events)
+    import gradio as gr
+
+    skipped = handlers.rerender(None, 0.3, 0.5, "jet")  # no cached state: nothing is redrawn
+    assert len(skipped) == handlers.num_render_outputs and all(item == gr.skip() for item in skipped)
+
+
+def _block_id(demo, elem_id):
+    for block_id, block in demo.blocks.items():
+        if getattr(block, "elem_id", None) == elem_id:
+            return block_id
+    raise KeyError(elem_id)
+
+
+def test_error_paths_are_clear_and_app_keeps_serving(served, images):
+    from gradio_client.exceptions import AppError
+
+    _, client, _ = served
+    normals = gallery(images["normal0"], images["normal1"])
+    with pytest.raises(AppError, match="query image"):
+        detect(client, normals, None, ["InCTRL"])
+    with pytest.raises(AppError, match=r"InCTRL and AnoPLe need 1–8 normal images"):
+        detect(client, None, images["query"], ["InCTRL", "AnoPLe", "FAPrompt"])
+    with pytest.raises(AppError, match=r"9 normal images uploaded, at most 8"):
+        detect(client, gallery(*([images["normal0"]] * 9)), images["query"], ["FAPrompt"])
+    with pytest.raises(AppError, match=r"broken\.png' is not a recognised image"):
+        detect(client, normals, images["garbage"], ["InCTRL"])
+    with pytest.raises(AppError, match=r"broken\.png' is not a recognised image"):
+        detect(client, gallery(images["normal0"], images["garbage"]), images["query"], ["InCTRL"])
+    # FAPrompt is zero-shot: it runs with an empty gallery, and the app still serves.
+    outputs = detect(client, None, images["query"], ["FAPrompt"])
+    assert outputs[0]["methods"]["faprompt"]["calibration"] == "default"
+
+
+def test_config_from_flags_and_environment():
+    env = {"DETECTOR_BACKBONE": "tiny-test", "DETECTOR_BACKBONE_WEIGHTS": "random", "INCTRL_CHECKPOINT": "/x.pyth",
+           "ANOPLE_PRESET": "faithful", "PORT": "7999", "GRADIO_SERVER_NAME": "0.0.0.0"}
+    config = app.parse_config([], env)
+    assert (config.backbone, config.backbone_weights, config.inctrl_checkpoint) == ("tiny-test", "random", "/x.pyth")
+    assert (config.anople_preset, config.server_port, config.server_name) == ("faithful", 7999, "0.0.0.0")
+    service_config = config.service_config()
+    assert service_config.checkpoints["inctrl"] == "/x.pyth"
+    assert service_config.method_options["anople"]["preset"] == "faithful"
+    flagged = app.parse_config(["--backbone", "ViT-B-16", "--server-port", "7001", "--anople-steps", "3"],
+                               {**env, "GRADIO_SERVER_PORT": "7002"})
+    assert (flagged.backbone, flagged.server_port, flagged.anople_steps) == ("ViT-B-16", 7001, 3)
+    assert app.parse_config([], {"GRADIO_SERVER_PORT": "7002", "PORT": "7003"}).server_port == 7002
+    kwargs = app.launch_kwargs(config)
+    assert kwargs["max_file_size"] == app.limits.MAX_UPLOAD_BYTES
+    assert kwargs["allowed_paths"] == [str(ROOT / "assets")]
+
+
+def test_help_lists_every_flag(capsys):
+    """``python app.py --help`` runs ``main(["--help"])``: same parser, no launch."""
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag, variables, _, _ in app.CONFIG_FLAGS:
+        assert flag in text
+        for variable in variables:
+            assert variable in text
+    assert "--no-examples" in text
+
+
+def test_offline_banner_for_official_backbones(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    service = InspectionService(app.AppConfig().service_config(), factory=CountingFactory())
+    text, css_class = app.banner_markdown(service, app.ordered_methods())
+    assert css_class == "warn"
+    for name in ("InCTRL", "AnoPLe", "FAPrompt"):
+        assert name in text
+    assert "random weights" in text and "HF_HUB_OFFLINE" in text
+
+
+def test_examples_exist_and_are_small():
+    rows, labels = app.example_rows(app.ordered_methods())
+    assert len(rows) >= 3 and len(labels) == len(rows)
+    for normals, query, methods, object_name, threshold in rows:
+        assert 1 <= len(normals) <= 8 and Path(query).is_file() and object_name and threshold == 0.5
+    total = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*.png"))
+    assert total < 1_000_000
