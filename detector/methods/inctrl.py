@@ -25,9 +25,7 @@ matrix product; unused computations (attention maps) are skipped.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -448,7 +446,11 @@ class InCTRLDetector(Detector):
         from ..images import OPENAI_MEAN, OPENAI_STD, Preprocess
 
         self.preprocess_spec = Preprocess(self.image_size, "shorter", OPENAI_MEAN, OPENAI_STD)
-        self.heads = InCTRLHeads(self.backbone.embed_dim, rows * cols)
+        with torch.random.fork_rng(devices=[]):
+            # Initial head weights from ``seed`` (training starts from them), without touching
+            # the caller's global random state.
+            torch.manual_seed(self.seed)
+            self.heads = InCTRLHeads(self.backbone.embed_dim, rows * cols)
         self.has_trained_heads = head_state is not None
         if head_state is not None:
             check_keys(head_state, head_state_shapes(self.heads), what="InCTRL's heads (adapter, diff_head, diff_head_ref)")

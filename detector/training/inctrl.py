@@ -278,6 +278,7 @@ def run(args: argparse.Namespace) -> Path:
         backbone_weights=args.backbone_weights,
         checkpoint=args.checkpoint,
         device=args.device,
+        seed=args.seed,
     )
     heads = detector.heads
     heads.requires_grad_(True).train()
