@@ -267,7 +267,9 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--shots must be between {MIN_NORMAL_IMAGES} and {MAX_NORMAL_IMAGES}, got {args.shots}")
     if args.batch_size < 2 or args.batch_size % 2:
         raise ValueError(f"--batch-size must be even and >= 2 (half normal, half anomalous), got {args.batch_size}")
-    out = Path(args.out or "inctrl_heads.safetensors")
+    out = Path(args.out or ".")
+    if out.is_dir() or str(args.out or "").endswith(("/", "\\")) or args.out is None:
+        out = out / f"inctrl_{args.dataset}_{args.shots}shot.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
