@@ -679,6 +679,12 @@ class FAPromptDetector(Detector):
         self.image_size = method_image_size(model_name)
         quick_gelu = True if model_name in (DEFAULT_BACKBONE, TINY_TEST) else None
         self.backbone = load_backbone(model_name, weights, image_size=self.image_size, device=device, quick_gelu=quick_gelu)
+        visual = self.backbone.visual
+        is_vit_clip = hasattr(visual, "transformer") and getattr(visual, "proj", None) is not None
+        if not is_vit_clip or not hasattr(self.backbone.model, "token_embedding"):
+            raise ValueError(
+                f"FAPrompt needs a ViT CLIP with a projected CLS token and a text tower; {model_name} is not one"
+            )
         self.grid = self.backbone.grid_size
         self.map_sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
