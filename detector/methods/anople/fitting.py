@@ -211,6 +211,33 @@ def channel_std(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].reshape(-1, tokens.shape[-1]).std(dim=0)
 
 
+class StratifiedSampler:
+    """Batches with equal numbers of clean and pixel-anomalous pool views (the pool's own
+    50/50 split, as DRAEM's 50% no-anomaly draw), each half walked through in reshuffled
+    epochs so every view is seen equally often [choice: steadier losses than i.i.d. draws
+    of 4 from 16]."""
+
+    def __init__(self, labels: torch.Tensor, generator: torch.Generator) -> None:
+        self.groups = [torch.nonzero(labels == value).squeeze(1) for value in (0, 1)]
+        self.groups = [g for g in self.groups if g.numel()]
+        self.generator = generator
+        self.queues: list[list[int]] = [[] for _ in self.groups]
+
+    def _take(self, group: int, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if not self.queues[group]:
+                order = torch.randperm(self.groups[group].numel(), generator=self.generator)
+                self.queues[group] = self.groups[group][order].tolist()
+            out.append(self.queues[group].pop(0))
+        return out
+
+    def next_batch(self, size: int) -> torch.Tensor:
+        counts = [size // len(self.groups)] * len(self.groups)
+        counts[-1] += size - sum(counts)
+        return torch.tensor([i for g, c in enumerate(counts) for i in self._take(g, c)], dtype=torch.long)
+
+
 def learning_rate_factor(step: int, total: int, config: AnoPLeConfig) -> float | None:
     """Multiplier of the base lr at 0-based ``step``; ``None`` = use ``config.warmup_lr``.
 
@@ -308,6 +335,7 @@ def fit_anople(
             noise_std = channel_std(torch.cat(collected)).clone()
 
     optimizer = make_optimizer(module, config)
+    sampler = StratifiedSampler(pool.labels.cpu(), generator) if pool is not None else None
     log: list[tuple[int, float, float, float, float]] = []
     steps = config.steps
     module.decoder.train()
@@ -317,7 +345,7 @@ def fit_anople(
             for group in optimizer.param_groups:
                 group["lr"] = config.warmup_lr if factor is None else group["base_lr"] * factor
             if pool is not None:
-                index = torch.randperm(pool.labels.shape[0], generator=generator)[: config.batch_size].to(device)
+                index = sampler.next_batch(config.batch_size).to(device)
                 labels = pool.labels[index].clone()
                 targets = pool.targets[index].clone()
                 views = pool.views[index]
@@ -356,9 +384,9 @@ def fit_anople(
             features = module.encode_views(
                 images, visual_prompts=visual_prompts, cached_tokens=tokens, cached_levels=levels, hook=hook
             )
-            patch_prob = module.decode(features, views, text_features)
+            patch_logits = module.decode_logits(features, views, text_features)
             logits = module.global_logits(features, text_features)
-            terms = anople_loss(logits, labels, patch_prob, targets, gamma=config.focal_gamma, align_weight=config.align_weight)
+            terms = anople_loss(logits, labels, patch_logits, targets, gamma=config.focal_gamma, align_weight=config.align_weight)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             optimizer.step()

@@ -24,17 +24,24 @@ def two_way_logits(features: torch.Tensor, text_features: torch.Tensor, tau: flo
     return tau * features @ text_features.t()
 
 
+def anomaly_logit(features: torch.Tensor, text_features: torch.Tensor, tau: float) -> torch.Tensor:
+    """``tau (<f, t_a> - <f, t_n>)``: the logit of the two-way softmax, shape ``features.shape[:-1]``."""
+    logits = two_way_logits(features, text_features, tau)
+    return logits[..., 1] - logits[..., 0]
+
+
 def anomaly_probability(features: torch.Tensor, text_features: torch.Tensor, tau: float) -> torch.Tensor:
     """``softmax(tau [<f, t_n>, <f, t_a>])[1]`` -> shape ``features.shape[:-1]``."""
-    return two_way_logits(features, text_features, tau).softmax(dim=-1)[..., 1]
+    return torch.sigmoid(anomaly_logit(features, text_features, tau))
 
 
-def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Binary focal loss with soft targets, mean over all entries.
+def focal_loss(logit: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss with soft targets on logits ``l`` (a = sigmoid(l)), mean over entries.
 
-    ``-[m (1 - a)^gamma log a + (1 - m) a^gamma log(1 - a)]``."""
-    a = prob.clamp(EPS, 1 - EPS)
-    loss = -(target * (1 - a) ** gamma * torch.log(a) + (1 - target) * a**gamma * torch.log(1 - a))
+    ``-[m (1 - a)^gamma log a + (1 - m) a^gamma log(1 - a)]``, with the logs computed as
+    log-sigmoids so confident mistakes keep their gradient."""
+    a = torch.sigmoid(logit)
+    loss = -(target * (1 - a) ** gamma * F.logsigmoid(logit) + (1 - target) * a**gamma * F.logsigmoid(-logit))
     return loss.mean()
 
 
@@ -51,12 +58,12 @@ def top_k_mean(prob: torch.Tensor, num_patches: int) -> torch.Tensor:
     return prob.topk(kappa, dim=-1).values.mean(dim=-1)
 
 
-def alignment_loss(global_prob: torch.Tensor, patch_prob: torch.Tensor) -> torch.Tensor:
+def alignment_loss(global_logits: torch.Tensor, patch_prob: torch.Tensor) -> torch.Tensor:
     """``KL(q || p_g)``, q = [1 - a_bar, a_bar] with a_bar the stop-gradient top-kappa mean
-    of ``patch_prob (B, N)``, p_g = [1 - P_abn(g), P_abn(g)] from ``global_prob (B,)``."""
+    of ``patch_prob (B, N)``, p_g = softmax(``global_logits (B, 2)``)."""
     a_bar = top_k_mean(patch_prob, patch_prob.shape[-1]).detach().clamp(EPS, 1 - EPS)
-    p = global_prob.clamp(EPS, 1 - EPS)
-    kl = a_bar * (torch.log(a_bar) - torch.log(p)) + (1 - a_bar) * (torch.log(1 - a_bar) - torch.log(1 - p))
+    q = torch.stack([1 - a_bar, a_bar], dim=-1)
+    kl = (q * (torch.log(q) - global_logits.log_softmax(dim=-1))).sum(dim=-1)
     return kl.mean()
 
 
@@ -71,7 +78,7 @@ class LossTerms:
 def anople_loss(
     global_logits: torch.Tensor,
     labels: torch.Tensor,
-    patch_prob: torch.Tensor,
+    patch_logits: torch.Tensor,
     patch_targets: torch.Tensor,
     *,
     gamma: float = 2.0,
@@ -82,10 +89,11 @@ def anople_loss(
     Args:
         global_logits: ``(B, 2)`` = tau [<g, t_n>, <g, t_a>].
         labels: ``(B,)`` long, 1 for (pseudo-)anomalous.
-        patch_prob: ``(B, N)`` decoder anomaly probabilities a_i.
+        patch_logits: ``(B, N)`` decoder logits, a_i = sigmoid(logit_i).
         patch_targets: ``(B, N)`` soft targets m_i in [0, 1].
     """
+    patch_prob = torch.sigmoid(patch_logits)
     glob = F.cross_entropy(global_logits, labels)
-    local = focal_loss(patch_prob, patch_targets, gamma) + dice_loss(patch_prob, patch_targets) + dice_loss(1 - patch_prob, 1 - patch_targets)
-    align = alignment_loss(global_logits.softmax(dim=-1)[:, 1], patch_prob)
+    local = focal_loss(patch_logits, patch_targets, gamma) + dice_loss(patch_prob, patch_targets) + dice_loss(1 - patch_prob, 1 - patch_targets)
+    align = alignment_loss(global_logits, patch_prob)
     return LossTerms(glob + local + align_weight * align, glob, local, align)

@@ -22,7 +22,7 @@ from torch import nn
 from .config import AnoPLeConfig, BlockLayout, block_layout
 from .decoder import GLOBAL_VIEW, MultiViewDecoder
 from .encoders import PromptedCLIP
-from .losses import anomaly_probability, two_way_logits
+from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
 
 #: Added to each denominator of the harmonic fusion (anople.md §4).
@@ -183,11 +183,15 @@ class AnoPLe(nn.Module):
         memory = {l: F.normalize(levels[l], dim=-1) for l in layout.memory_levels}
         return QueryFeatures(image=image, patches=patches, memory=memory)
 
-    def decode(self, features: QueryFeatures, view: torch.Tensor | int, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder anomaly probabilities a ``(B, N)``."""
+    def decode_logits(self, features: QueryFeatures, view: torch.Tensor | int, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits ``tau (<z_i, t_a> - <z_i, t_n>)`` ``(B, N)``."""
         text = self.text_features if text_features is None else text_features
         z = self.decoder([features.patches[l] for l in self.layout.decoder_levels], view)
-        return anomaly_probability(z, text, self.tau)
+        return anomaly_logit(z, text, self.tau)
+
+    def decode(self, features: QueryFeatures, view: torch.Tensor | int, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder anomaly probabilities a_i = softmax(tau [<z_i, t_n>, <z_i, t_a>])[1], ``(B, N)``."""
+        return torch.sigmoid(self.decode_logits(features, view, text_features))
 
     def global_logits(self, features: QueryFeatures, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, 2)`` = tau [<g, t_n>, <g, t_a>]."""
