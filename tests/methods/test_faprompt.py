@@ -319,10 +319,17 @@ def test_explain(learned_file, queries):
     assert list(sims) == ["normal"] + [f"abnormal_{j}" for j in range(1, 11)]
     features = result.extras["_explain_patch_features"]
     assert features.dtype == np.float32 and features.shape == (144, 64)
-    # consistent with the map: pass-2 probability of "abnormal" from the same cosines
     prompts = torch.from_numpy(result.extras["_explain_prompt_features"])
     assert torch.allclose(prompts.norm(dim=-1), torch.ones(11), atol=1e-5)
     assert all(-1.0 <= v <= 1.0 for v in sims.values())
+    # the stored features are the ones the map came from: the normal-prompt cosine of every
+    # patch reproduces pass 1's normal logit (the normal prompt does not depend on the prior)
+    state = det.text_state()
+    patch = torch.from_numpy(features[11])
+    assert sims["normal"] == pytest.approx(float(patch @ state.classes[0]), abs=1e-5)
+    # the pass-2 abnormal prompts differ from pass 1 (the prior is applied per query)
+    pass1_abnormal = torch.nn.functional.normalize(state.abnormal, dim=-1)
+    assert (prompts[1:] - pass1_abnormal).abs().max() > 1e-6
 
 
 @pytest.mark.slow
