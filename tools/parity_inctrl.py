@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"random official-format checkpoint: {count} keys -> {checkpoint}")
     normals, queries = write_images(work)
     job = {"checkpoint": str(checkpoint), "normals": normals, "queries": queries, "shots": args.shots}
+    job = json.loads(json.dumps(job))  # tuples -> lists, as read back from job.json
     reuse = args.reuse_official and job_file.is_file() and json.loads(job_file.read_text()) == job
     reuse = reuse and (work / "official.npz").is_file()
     job_file.write_text(json.dumps(job, indent=1))
