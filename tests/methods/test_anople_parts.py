@@ -165,6 +165,26 @@ def test_t5_prompts_replace_and_each_block_prompt_matters(tiny_backbone):
         assert (features - base_text).abs().max() > 1e-5, f"text prompt of block {j} has no effect"
 
 
+@pytest.mark.parametrize("preset", ["fast", "faithful"])
+def test_t5_one_backward_pass_reaches_every_trainable_tensor(tiny_backbone, preset):
+    from detector.methods.anople.losses import anople_loss
+
+    module = build_module(tiny_backbone, preset)
+    images = random_images(tiny_backbone, 4)
+    text, visual = module.effective_prompts()
+    text_features = module.encode_text(text)
+    features = module.encode_views(images, visual_prompts=visual)
+    patch_logits = module.decode_logits(features, torch.tensor([0, 1, 0, 1]), text_features)
+    targets = torch.rand((4, module.clip.num_patches), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 1, 0])
+    anople_loss(module.global_logits(features, text_features), labels, patch_logits, targets).total.backward()
+    names = [name for name, _ in module.named_parameters()]
+    assert any("text_to_visual" in n for n in names) and any("visual_to_text" in n for n in names)
+    for name, param in module.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert not any(p.grad is not None for p in tiny_backbone.model.parameters())
+
+
 # ----------------------------------------------------------------------------- T6
 def _features_after(module, images, *, text_delta=None, visual_delta=None):
     with torch.no_grad():

@@ -213,11 +213,14 @@ class AnoPLe(nn.Module):
         deepest = max(self.layout.memory_levels)
         for level in self.layout.memory_levels:
             bank = self.memory_bank(level)
-            keep = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
-            for index in exclude:
-                keep[index * num_patches : (index + 1) * num_patches] = False
-            rows = torch.nonzero(keep).squeeze(1)
-            sims = memory[level] @ bank[rows].t()  # (B, N, M)
+            rows = torch.arange(bank.shape[0], device=bank.device)
+            if exclude:
+                keep = torch.ones(bank.shape[0], dtype=torch.bool, device=bank.device)
+                for index in exclude:
+                    keep[index * num_patches : (index + 1) * num_patches] = False
+                rows = rows[keep]
+                bank = bank[rows]
+            sims = memory[level] @ bank.t()  # (B, N, M)
             best, where = sims.max(dim=-1)
             distance = ((1.0 - best) / 2.0).clamp_min(0.0)
             total = distance if total is None else total + distance
