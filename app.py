@@ -11,6 +11,7 @@ tests call ``build_demo(config)``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ TITLE = "CLIP anomaly inspection: InCTRL · AnoPLe · FAPrompt"
 #: Display order of the methods; any other registered method follows.
 PREFERRED_ORDER = ("inctrl", "anople", "faprompt")
 #: Contour colours of the comparison strip (RGB), distinct from each other and from jet's red.
-METHOD_COLOURS = {"inctrl": (255, 0, 255), "anople": (0, 220, 255), "faprompt": (255, 255, 255)}
+METHOD_COLOURS = {"inctrl": (255, 0, 255), "anople": (0, 200, 255), "faprompt": (255, 160, 0)}
 FALLBACK_COLOURS = [(255, 165, 0), (50, 205, 50), (255, 255, 0)]
 COLORMAP_CHOICES = list(maps.COLORMAPS)
 ANOPLE_PRESETS = ("fast", "faithful", "text_only")
@@ -203,7 +204,11 @@ def _fmt(value: float) -> str:
 def verdict_markdown(outcome: MethodOutcome, threshold: float) -> str:
     calibrated = outcome.calibrated_score
     anomalous = outcome.is_anomalous(threshold)
-    badge = "🔴 **ANOMALOUS**" if anomalous else "🟢 **NORMAL**"
+    badge = (
+        "<span style='color:#c62828; font-weight:700;'>● ANOMALOUS</span>"
+        if anomalous
+        else "<span style='color:#2e7d32; font-weight:700;'>● NORMAL</span>"
+    )
     lines = [
         f"### {outcome.display_name}: {_fmt(calibrated)} → {badge}",
         f"calibrated score vs threshold {threshold:.2f} · raw score {_fmt(outcome.result.score)} "
@@ -268,11 +273,19 @@ def table_rows(report: InspectionReport, threshold: float) -> list[list[Any]]:
                 round(s["threshold"], 4),
                 s["verdict"],
                 round(s["seconds"], 2),
-                s["weights"],
+                short_weights(outcome.description),
                 s["calibration"],
             ]
         )
     return rows
+
+
+def short_weights(description: Mapping[str, Any]) -> str:
+    """Compact weights facts for the table: backbone / weights · mode."""
+    weights = "random" if is_meaningless(description) else str(description.get("backbone_weights", "?"))
+    weights = weights.split(" / ", 1)[-1]
+    checkpoint = "checkpoint" if description.get("checkpoint") else "no checkpoint"
+    return f"{description.get('backbone')} / {weights} · {description.get('mode')} · {checkpoint}"
 
 
 def banner_markdown(service: InspectionService, methods: Sequence[str]) -> tuple[str, str]:
@@ -320,6 +333,8 @@ class InspectionApp:
         self.config = config
         self.service = service or InspectionService(config.service_config())
         self.methods = ordered_methods()
+        #: Reports of the clicked examples (few and small), by example key.
+        self.example_reports: dict[str, InspectionReport] = {}
 
     # -- input handling --------------------------------------------------------------------
     @staticmethod
@@ -385,8 +400,37 @@ class InspectionApp:
         return (*self.render(report, threshold, alpha, colormap), report)
 
     def detect_example(self, normals: Any, query: Any, methods: Sequence[str], object_name: str, threshold: float) -> tuple:
-        """Examples pass the five main inputs; advanced settings keep their defaults."""
-        return self.detect(normals, query, methods, object_name, threshold, progress=None)
+        """Examples pass the five main inputs; advanced settings keep their defaults.
+
+        Cached example outputs are stored on disk, where no session state goes: the JSON
+        summary then carries the example's inputs under ``"example"``, and the report is
+        kept in ``example_reports`` (re-computed once when the server restarted), so the
+        threshold slider works on example results too."""
+        outputs = self.detect(normals, query, methods, object_name, threshold, progress=None)
+        inputs = {"normals": self.gallery_paths(normals), "query": str(query), "methods": list(methods or []),
+                  "object": object_name}
+        report = outputs[-1]
+        if report is not None:
+            self.example_reports[json.dumps(inputs, sort_keys=True)] = report
+            outputs[0]["example"] = inputs
+        return (*outputs[:-1], None)
+
+    def example_report(self, inputs: Any) -> InspectionReport | None:
+        """The report of a cached example from its inputs; ``None`` when its files are gone."""
+        if not isinstance(inputs, dict):
+            return None
+        report = self.example_reports.get(json.dumps(inputs, sort_keys=True))
+        if report is not None:
+            return report
+        try:
+            if not all(Path(p).is_file() for p in [*inputs["normals"], inputs["query"]]):
+                return None
+            self.detect_example(
+                [(p, None) for p in inputs["normals"]], inputs["query"], inputs["methods"], inputs["object"], 0.5
+            )
+        except (KeyError, TypeError, gr.Error):
+            return None
+        return self.example_reports.get(json.dumps(inputs, sort_keys=True))
 
     def run(self, normals, query, methods, object_name, alpha, colormap, anople_preset, sigma, anople_steps, progress):
         chosen = self.chosen_methods(methods)
@@ -462,7 +506,7 @@ class InspectionApp:
             ]
         banner, _ = banner_markdown(self.service, self.methods)
         warnings = sorted({w for o in report.outcomes for w in o.warnings} | set(report.query.warnings))
-        notes = "\n".join(f"- {w}" for w in warnings)
+        notes = ("**Notes**\n\n" + "\n".join(f"- {w}" for w in warnings)) if warnings else ""
         return (
             summary,
             comparison_image(report, threshold),
@@ -471,6 +515,7 @@ class InspectionApp:
             *per_method,
             notes,
             banner,
+            self.shots_count_text(report.num_normals),
         )
 
     def empty_outputs(self) -> tuple:
@@ -478,17 +523,28 @@ class InspectionApp:
         for method in self.methods:
             per_method += ["", None, None, None, weights_markdown(method, None)]
         banner, _ = banner_markdown(self.service, self.methods)
-        return ({"methods": {}}, None, "", [], *per_method, "", banner)
+        return ({"methods": {}}, None, "", [], *per_method, "", banner, gr.skip())
 
-    def rerender(self, report: InspectionReport | None, threshold: float, alpha: float, colormap: str) -> tuple:
-        """Threshold / alpha / colormap changed: redraw from the cached report, no model runs."""
-        if report is None:
+    def rerender(
+        self, report: InspectionReport | None, summary: Any, threshold: float, alpha: float, colormap: str
+    ) -> tuple:
+        """Threshold / alpha / colormap changed: redraw from the cached report, no model runs.
+
+        ``report`` is the session's last report; after a click on a cached example it is
+        empty and the shown ``summary`` names the example instead."""
+        example = summary.get("example") if isinstance(summary, dict) else None
+        if not isinstance(report, InspectionReport) and example is not None:
+            report = self.example_report(example)
+        if not isinstance(report, InspectionReport):
             return tuple(gr.skip() for _ in range(self.num_render_outputs))
-        return self.render(report, threshold, alpha, colormap)
+        outputs = self.render(report, threshold, alpha, colormap)
+        if example is not None and report is self.example_report(example):
+            outputs[0]["example"] = example
+        return outputs
 
     @property
     def num_render_outputs(self) -> int:
-        return 4 + 5 * len(self.methods) + 2
+        return 4 + 5 * len(self.methods) + 3
 
     def column_visibility(self, methods: Sequence[str] | None) -> list:
         try:
@@ -498,7 +554,10 @@ class InspectionApp:
         return [gr.update(visible=m in chosen) for m in self.methods]
 
     def shots_text(self, normals: Any) -> str:
-        count = len(self.gallery_paths(normals))
+        return self.shots_count_text(len(self.gallery_paths(normals)))
+
+    @staticmethod
+    def shots_count_text(count: int) -> str:
         if count > limits.MAX_NORMAL_IMAGES:
             return f"⚠️ **{count} normal images**: at most {limits.MAX_NORMAL_IMAGES} are accepted, remove {count - limits.MAX_NORMAL_IMAGES}."
         if count == 0:
@@ -538,7 +597,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         gr.Markdown(
             f"# {TITLE}\nUpload a few images of a **normal** part and one **query** image. Each method scores the "
             "query and draws where it looks anomalous. Scores and maps are **calibrated per method** "
-            "(0.5 = that method's threshold), so one slider decides for all of them."
+            "(0.5 = that method's threshold), so one slider decides for all of them. No images at hand? Pick an example at the bottom of the page."
         )
         banner = gr.Markdown(banner_text, elem_id="banner", elem_classes=[banner_class])
 
@@ -636,7 +695,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             gr.Markdown(ABOUT_TEXT)
 
         state = gr.State(None)
-        render_outputs = [summary, strip, legend, table, *per_method_outputs, notes, banner]
+        render_outputs = [summary, strip, legend, table, *per_method_outputs, notes, banner, shots]
         main_inputs = [normals, query, method_choice, object_name, threshold]
         advanced_inputs = [alpha, colormap, anople_preset, sigma, anople_steps]
 
@@ -651,7 +710,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         for control in (threshold, alpha, colormap):
             control.change(
                 handlers.rerender,
-                inputs=[state, threshold, alpha, colormap],
+                inputs=[state, summary, threshold, alpha, colormap],
                 outputs=render_outputs,
                 api_visibility="private",
                 show_progress="hidden",

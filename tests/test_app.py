@@ -117,7 +117,8 @@ def test_detect_runs_each_method_with_summary_overlay_and_table(served, images):
         for path in (overlay, contour, raw):
             assert np.array(Image.open(path)).shape == (*QUERY_SIZE, 3)
         assert "random" in info and "meaningless" in info
-    assert "meaningless" in outputs[-1]  # banner
+    assert "meaningless" in outputs[-2]  # banner
+    assert outputs[-1].startswith("**2-shot**")
 
     # Only the chosen methods run; the others' outputs stay empty.
     fits = factory.fits
@@ -148,8 +149,8 @@ def test_threshold_redraws_from_state_without_running_models(served, images):
     )
     report = outputs[-1]
     predicts, fits = factory.predicts, factory.fits
-    low = handlers.rerender(report, 0.0, 0.5, "jet")
-    high = handlers.rerender(report, 1.0, 0.5, "jet")
+    low = handlers.rerender(report, None, 0.0, 0.5, "jet")
+    high = handlers.rerender(report, None, 1.0, 0.5, "jet")
     assert (factory.predicts, factory.fits) == (predicts, fits)
     for method, entry in low[0]["methods"].items():
         assert entry["verdict"] == "anomalous"
@@ -170,8 +171,28 @@ def test_threshold_redraws_from_state_without_running_models(served, images):
     assert slider_events and all(fn.fn == handlers.rerender for fn in slider_events)
     import gradio as gr
 
-    skipped = handlers.rerender(None, 0.3, 0.5, "jet")  # no cached state: nothing is redrawn
+    skipped = handlers.rerender(None, {"methods": {}}, 0.3, 0.5, "jet")  # no cached state: nothing is redrawn
     assert len(skipped) == handlers.num_render_outputs and all(item == gr.skip() for item in skipped)
+
+
+def test_example_results_redraw_without_session_state(served):
+    """Cached examples restore no gr.State: the summary names the example instead."""
+    demo, _, factory = served
+    handlers = demo.inspection_app
+    rows, _ = app.example_rows(handlers.methods)
+    normals, query, _, object_name, threshold = rows[0]
+    outputs = handlers.detect_example([(p, None) for p in normals], query, ["InCTRL"], object_name, threshold)
+    summary = outputs[0]
+    assert summary["example"]["query"] == query and outputs[-1] is None
+    predicts = factory.predicts
+    redrawn = handlers.rerender("", summary, 0.0, 0.5, "jet")
+    assert factory.predicts == predicts
+    assert redrawn[0]["methods"]["inctrl"]["verdict"] == "anomalous"
+    assert redrawn[0]["example"] == summary["example"]
+    # After a restart the report is recomputed once from the example's files.
+    handlers.example_reports.clear()
+    again = handlers.rerender(None, redrawn[0], 1.0, 0.5, "jet")
+    assert again[0]["methods"]["inctrl"]["score"] == summary["methods"]["inctrl"]["score"]
 
 
 def _block_id(demo, elem_id):

@@ -1,0 +1,157 @@
+"""The app in a real browser (Debian Chromium through Playwright), tiny random backbone.
+
+Starts ``python app.py`` on 127.0.0.1 in a subprocess, uploads normals and a query, runs
+all three methods, moves the threshold slider and saves screenshots under
+``tests/_artifacts/`` (git-ignored) for a look by eye.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "_artifacts"
+EXAMPLE = ROOT / "assets" / "examples" / "fabric-weave"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install chromium fonts-liberation)"),
+]
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("app_server") / "server.log"
+    env = {
+        **os.environ,
+        "DETECTOR_BACKBONE": "tiny-test",
+        "DETECTOR_BACKBONE_WEIGHTS": "random",
+        "ANOPLE_STEPS": "2",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache")),
+    }
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(ROOT), env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_upload_run_all_methods_and_screenshot(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    normals = sorted(str(p) for p in EXAMPLE.glob("normal_*.png"))
+    query = str(EXAMPLE / "query_scratch.png")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(server, wait_until="load", timeout=90_000)
+            run = page.get_by_role("button", name="Run", exact=True)
+            expect(run).to_be_visible(timeout=60_000)
+            expect(page.locator("#banner")).to_contain_text("meaningless")
+
+            page.locator("#normals input[type=file]").set_input_files(normals)
+            expect(page.locator("#shots")).to_contain_text("3-shot", timeout=30_000)
+            page.locator("#query input[type=file]").set_input_files(query)
+            expect(page.locator("#query img")).to_be_visible(timeout=30_000)
+            run.click()
+
+            for method in ("inctrl", "anople", "faprompt"):
+                expect(page.locator(f"#overlay-{method} img")).to_be_visible(timeout=240_000)
+                expect(page.locator(f"#verdict-{method}")).to_contain_text("→", timeout=30_000)
+            scores = page.locator("#scores")
+            expect(scores).to_contain_text("FAPrompt", timeout=30_000)
+            text = scores.inner_text()
+            for name in ("InCTRL", "AnoPLe", "FAPrompt", "leave-one-out"):
+                assert name in text
+            page.screenshot(path=str(ARTIFACTS / "app_results.png"), full_page=True)
+
+            # Threshold to 0: every method says anomalous, redrawn from the cached results.
+            slider = page.locator("#threshold input[type=number]")
+            slider.fill("0")
+            slider.press("Enter")
+            for method in ("inctrl", "anople", "faprompt"):
+                expect(page.locator(f"#verdict-{method}")).to_contain_text("ANOMALOUS", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "app_threshold_0.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "app_results.png").stat().st_size > 10_000
+
+
+def test_example_click_runs_and_is_cached(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(server, wait_until="load", timeout=90_000)
+            example = page.get_by_text("stone-blobs · stain", exact=True)
+            expect(example).to_be_visible(timeout=60_000)
+            example.click()
+            for method in ("inctrl", "anople", "faprompt"):
+                expect(page.locator(f"#overlay-{method} img")).to_be_visible(timeout=240_000)
+            expect(page.locator("#scores")).to_contain_text("AnoPLe", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "app_example_loaded.png"), full_page=True)
+            expect(page.locator("#shots")).to_contain_text("3-shot", timeout=30_000)
+            # The slider redraws the example's results too (they are kept in the session state).
+            slider = page.locator("#threshold input[type=number]")
+            slider.fill("1")
+            slider.press("Enter")
+            for method in ("inctrl", "anople", "faprompt"):
+                expect(page.locator(f"#verdict-{method}")).to_contain_text("NORMAL", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "app_example.png"), full_page=True)
+        finally:
+            browser.close()
