@@ -23,7 +23,7 @@ from .config import PRESETS, SCORINGS, AnoPLeConfig, preset_config
 from .decoder import GLOBAL_VIEW, LOCAL_VIEW
 from .encoders import PromptedCLIP
 from .fitting import FitReport, NormalImage, fit_anople
-from .model import AnoPLe, fused_outputs, prompt_texts
+from .model import CONTEXT_INIT, AnoPLe, fused_outputs, prompt_texts
 
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_WEIGHTS = "openai"
@@ -118,7 +118,7 @@ class AnoPLeDetector(Detector):
     def _new_module(self) -> AnoPLe:
         generator = torch.Generator().manual_seed(self.seed)
         token_ids = self.backbone.tokenize(prompt_texts(self.class_name, self.config.n_text))
-        context_ids = self.backbone.tokenize(["a photo of a"])[0]
+        context_ids = self.backbone.tokenize([CONTEXT_INIT])[0]
         return AnoPLe(self.clip, token_ids, context_ids, self.config, generator).to(self.device)
 
     def _to_input(self, pixels: np.ndarray) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AnoPLeConfig, BlockLayout, block_layout
-from .decoder import GLOBAL_VIEW, MultiViewDecoder
+from .decoder import MultiViewDecoder
 from .encoders import PromptedCLIP
 from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
@@ -67,6 +67,13 @@ class AnoPLe(nn.Module):
     tokens, layer, head). Buffers after fit: ``text_features (2, E)``, memory banks
     ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``.
     The CLIP backbone is held by ``clip`` (a ``PromptedCLIP``), outside the state dict.
+
+    Args:
+        clip: the prompted wrapper of the frozen, shared CLIP.
+        token_ids: ``(2, 77)`` tokenised prompts (``prompt_texts``), n_t placeholders each.
+        context_ids: ``(77,)`` tokens of "a photo of a" (T_1's initial value, MaPLe's CTX_INIT).
+        config: the preset's numbers.
+        generator: source of every random initial value.
     """
 
     def __init__(
