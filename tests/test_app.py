@@ -217,6 +217,8 @@ def test_error_paths_are_clear_and_app_keeps_serving(served, images):
         detect(client, normals, images["garbage"], ["InCTRL"])
     with pytest.raises(AppError, match=r"broken\.png' is not a recognised image"):
         detect(client, gallery(images["normal0"], images["garbage"]), images["query"], ["InCTRL"])
+    # No method ticked: a warning and nothing run.
+    assert detect(client, normals, images["query"], [])[0] == {"methods": {}}
     # FAPrompt is zero-shot: it runs with an empty gallery, and the app still serves.
     outputs = detect(client, None, images["query"], ["FAPrompt"])
     assert outputs[0]["methods"]["faprompt"]["calibration"] == "default"
