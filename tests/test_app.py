@@ -272,3 +272,36 @@ def test_examples_exist_and_are_small():
         assert 1 <= len(normals) <= 8 and Path(query).is_file() and object_name and threshold == 0.5
     total = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*.png"))
     assert total < 1_000_000
+
+
+def test_overlay_follows_exif_orientation(served, tmp_path):
+    """A photo stored 80x48 with EXIF orientation 6 is shown 48 wide and 80 high: so are the maps."""
+    _, client, _ = served
+    stored = synthetic.texture("grain", 5, (48, 80), 1)
+    stored[:, :10] = 0  # a dark band on the stored left edge: the displayed top edge after rotation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    outputs = detect(client, None, path, ["FAPrompt"])
+    assert (outputs[0]["query"]["height"], outputs[0]["query"]["width"]) == (80, 48)
+    contour = np.array(Image.open(per_method(outputs, app.ordered_methods())["faprompt"][2]))
+    assert contour.shape == (80, 48, 3)
+    # The outline image starts from the upright query: its dark band is now along the top rows.
+    assert contour[2:8, 5:40].mean() < 40 and contour[40:70, 5:40].mean() > 60
+
+
+@pytest.mark.slow
+def test_offline_fallback_runs_official_architecture_with_random_weights(monkeypatch, images):
+    """Default configuration without cached weights: InCTRL still answers, flagged as random."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    handlers = app.InspectionApp(app.AppConfig(examples=False))
+    outputs = handlers.detect([(str(images["normal0"]), None)], str(images["query"]), ["InCTRL"], "fabric", 0.5,
+                              progress=None)
+    entry = outputs[0]["methods"]["inctrl"]
+    assert "ViT-B-16-plus-240" in entry["weights"] and "random" in entry["weights"]
+    assert any("RANDOM weights" in w for w in entry["warnings"])
+    assert entry["calibration"] == "default"
+    assert "inctrl" in handlers.service.fallbacks
+    banner, css_class = app.banner_markdown(handlers.service, handlers.methods)
+    assert css_class == "warn" and "pretrained weights unavailable" in banner
