@@ -687,6 +687,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                     headers=TABLE_HEADERS, datatype=["str", "number", "number", "number", "str", "number", "str", "str"],
                     interactive=False, column_count=len(TABLE_HEADERS), label="Summary", elem_id="scores",
                     buttons=["copy"], wrap=True,
+                    column_widths=["10%", "8%", "9%", "9%", "10%", "7%", "29%", "18%"],
                 )
                 notes = gr.Markdown("", elem_id="notes")
                 with gr.Accordion("JSON summary", open=False):
