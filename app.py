@@ -30,7 +30,6 @@ from detector.service import (
     MethodOutcome,
     ServiceConfig,
     is_meaningless,
-    weights_text,
 )
 
 LOG = logging.getLogger("app")
