@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,45 @@ def test_offline_fallback_runs_official_architecture_with_random_weights(monkeyp
     assert "inctrl" in handlers.service.fallbacks
     banner, css_class = app.banner_markdown(handlers.service, handlers.methods)
     assert css_class == "warn" and "pretrained weights unavailable" in banner
+
+
+@pytest.mark.slow
+def test_python_app_starts_offline_with_banner(tmp_path):
+    """``python app.py`` with the official backbones and no weights: serves the page with the banner."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_NAME="127.0.0.1",
+               GRADIO_SERVER_PORT=str(port), PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"))
+    log = tmp_path / "server.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(tmp_path), env=env,
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        started = time.monotonic()
+        config = None
+        while time.monotonic() - started < 120 and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    config = json.load(response)
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert config is not None, log.read_text()[-3000:]
+        banner = next(c["props"]["value"] for c in config["components"] if c.get("props", {}).get("elem_id") == "banner")
+        for name in ("InCTRL", "AnoPLe", "FAPrompt"):
+            assert name in banner
+        assert "HF_HUB_OFFLINE" in banner and "random weights" in banner
+        # open_clip logs this line whenever it builds a model without weights: nothing was built at start-up.
+        assert "No pretrained weights loaded" not in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
