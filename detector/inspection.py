@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import maps
-from .api import Calibration, DetectionResult, Detector
+from .api import Calibration, DetectionResult, Detector, InvalidImageError
 from .images import load_image
 
 #: ``progress(fraction in [0, 1], message)``.
@@ -346,10 +346,12 @@ class BatchRow:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """``run_batch`` output: ranked rows and, when kept, one overlay per (image, method)."""
+    """``run_batch`` output: ranked rows, when kept one overlay per (image, method), and
+    the images that could not be used as ``(image name, message)``."""
 
     rows: list[BatchRow]
     overlays: list[tuple[str, str, np.ndarray]]
+    errors: list[tuple[str, str]] = field(default_factory=list)
 
 
 def verdict(calibrated: float, threshold: float) -> str:
@@ -398,7 +400,8 @@ def run_batch(
         progress: ``progress(fraction, message)`` after each image and method.
 
     Returns:
-        ``BatchResult`` with rows ranked by ``rank_batch``.
+        ``BatchResult`` with rows ranked by ``rank_batch``. An image that cannot be decoded
+        (``InvalidImageError``) is listed in ``errors`` and skipped; other errors propagate.
     """
     if not detectors:
         raise ValueError("choose at least one method")
@@ -407,8 +410,16 @@ def run_batch(
     overlays: list[tuple[str, str, np.ndarray]] = []
     steps = max(1, len(queries) * len(entries))
     done = 0
+    errors: list[tuple[str, str]] = []
     for image_name, source in queries:
-        loaded = load_image(source)
+        try:
+            loaded = load_image(source)
+        except InvalidImageError as error:
+            errors.append((str(image_name), str(error)))
+            done += len(entries)
+            if progress is not None:
+                progress(done / steps, f"skipped {image_name}: {error}")
+            continue
         small = thumbnail(loaded.rgb, thumbnail_size)
         for method, (det, calibration) in entries.items():
             start = time.perf_counter()
@@ -434,7 +445,7 @@ def run_batch(
             done += 1
             if progress is not None:
                 progress(done / steps, f"{method}: {image_name}")
-    return BatchResult(rank_batch(rows), overlays)
+    return BatchResult(rank_batch(rows), overlays, errors)
 
 
 def rank_batch(rows: Sequence[BatchRow]) -> list[BatchRow]:

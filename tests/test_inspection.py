@@ -215,6 +215,16 @@ def test_batch_ranking_equals_sorting_individual_predictions(batch, queries):
         for method in entries:
             assert counts[method] == sum(r.calibrated >= threshold for r in out.rows if r.method == method)
     assert inspection.flagged_counts(out.rows, 1.01) == {"inctrl": 0, "anople": 0}
+    assert out.errors == []
+
+
+def test_batch_skips_unreadable_images(fitted, queries):
+    det = fitted["inctrl"]
+    out = inspection.run_batch(
+        {"inctrl": (det, det.calibrate())}, [("broken.png", b"not an image"), queries[2]], keep_overlays=False
+    )
+    assert [row.image for row in out.rows] == [queries[2][0]] and out.overlays == []
+    assert [name for name, _ in out.errors] == ["broken.png"] and out.errors[0][1]
 
 
 def test_rank_batch_on_constructed_rows():
@@ -294,7 +304,7 @@ def test_report_file_opens_with_the_expected_size(fitted, normals, queries, tmp_
         np.testing.assert_array_equal(np.asarray(opened.convert("RGB")), picture)
     pdf = inspection.save_report(tmp_path / "report.pdf", query, normals, panels[:1])
     assert pdf.read_bytes().startswith(b"%PDF")
-    # The query appears unchanged (scaled) at the top left, below the title.
+    # Nothing is drawn into the top margin.
     assert picture[: layout.margin, :].min() == 255
 
 
