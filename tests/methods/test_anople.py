@@ -144,9 +144,10 @@ def test_t8_fit_learns_to_separate_pseudo_anomalies(sixty_step_fit):
 
 
 @pytest.mark.xfail(
-    reason="on the random 6-block tiny-test CLIP the loss reaches its floor within a few steps and the "
-    "latent anomalies are learned too slowly for a 20% drop between steps 1-10 and 51-60 "
-    "(measured last/first ratio 0.81-1.02 over seeds 0-2); reported, assertion kept as specified",
+    reason="with random CLIP weights the total loss reaches its floor within a few steps (global and "
+    "alignment terms stay near chance) and the latent anomalies are learned too slowly for a 20% drop "
+    "between steps 1-10 and 51-60: measured last/first ratio 0.81-1.02 on tiny-test (seeds 0-2) and "
+    "1.02 on ViT-B-16 at random init; reported, assertion kept as specified",
     strict=False,
 )
 def test_t8_loss_drops_by_a_fifth(sixty_step_fit):
