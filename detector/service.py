@@ -29,7 +29,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from . import limits
-from .api import Calibration, DetectionResult, Detector, WeightsUnavailableError, check_normal_count
+from .api import Calibration, DetectionResult, Detector, DetectorError, WeightsUnavailableError, check_normal_count
 from .images import LoadedImage, fingerprint, load_image
 from .registry import create_detector, get_method, list_methods
 
@@ -43,6 +43,41 @@ RANDOM_FALLBACK_WARNING = (
     "pretrained weights unavailable ({reason}); running the same architecture with RANDOM weights: "
     "scores and maps are meaningless"
 )
+
+
+class RequestTimeoutError(DetectorError):
+    """A request ran past its time limit (the app uses ``limits.REQUEST_TIMEOUT_SECONDS``)."""
+
+
+class _Deadline:
+    """Cooperative time limit of one request.
+
+    Checked before each method's fit and prediction and at every progress report inside a
+    fit (AnoPLe reports each prompt-learning step), so a long request stops at the next
+    such point. A fit stopped this way is not cached.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = None if seconds is None else float(seconds)
+        self.end = None if seconds is None else time.monotonic() + float(seconds)
+
+    def check(self, stage: str) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise RequestTimeoutError(
+                f"the request ran longer than its time limit of {self.seconds:g} s and was stopped ({stage}); "
+                "try fewer methods, fewer or smaller images, or fewer AnoPLe steps"
+            )
+
+    def guard(self, progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
+        if self.end is None:
+            return progress
+
+        def report(fraction: float, message: str) -> None:
+            self.check(f"{stage}: {message}" if message else stage)
+            if progress is not None:
+                progress(fraction, message)
+
+        return report
 
 
 @dataclass(frozen=True)
@@ -334,6 +369,7 @@ class InspectionService:
         class_name: str = "object",
         options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: ProgressCallback | None = None,
+        timeout: float | None = None,
     ) -> InspectionReport:
         """Run ``methods`` on ``query`` against ``normals``; see the module docstring.
 
@@ -344,8 +380,11 @@ class InspectionService:
             class_name: object word for text prompts, passed to every method.
             options: per-method option overrides, e.g. ``{"anople": {"preset": "fast"}}``.
             progress: ``progress(fraction, message)``.
+            timeout: seconds the whole call may take (``None`` = no limit); checked before
+                each fit and prediction and at every fit progress step.
 
         Raises:
+            RequestTimeoutError: ``timeout`` passed; nothing half-fitted is cached.
             ValueError: no method, an unknown method, or a normal count a method refuses.
             InvalidImageError: a normal or query image that cannot be used.
         """
@@ -368,19 +407,22 @@ class InspectionService:
             check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
         loaded_query = load_image(query)
         digest = fingerprint(loaded_normals)
+        deadline = _Deadline(timeout)
         outcomes = []
         share = 1.0 / len(names)
         for index, name in enumerate(names):
             cls = get_method(name)
             method_options = self.options_for(name, class_name, (options or {}).get(name))
             base = index * share
+            deadline.check(f"before {cls.display_name}")
             entry, reused = self.fitted(
                 name,
                 loaded_normals,
                 options=method_options,
                 normals_fingerprint=digest,
-                progress=_scaled(progress, base, base + 0.8 * share, cls.display_name),
+                progress=deadline.guard(_scaled(progress, base, base + 0.8 * share, cls.display_name), cls.display_name),
             )
+            deadline.check(f"before scoring with {cls.display_name}")
             if progress is not None:
                 progress(base + 0.8 * share, f"{cls.display_name}: scoring the query")
             start = time.perf_counter()

@@ -586,3 +586,20 @@ def test_image_limits_follow_the_limits_module(monkeypatch):
     monkeypatch.setattr(limits, "MAX_NORMAL_IMAGES", 2)
     with pytest.raises(ValueError, match=too_many_normals_pattern(3)):
         create_detector("inctrl", **TINY).fit([image] * 3)
+
+
+def test_request_timeout_stops_a_long_fit_and_caches_nothing():
+    """``timeout`` stops AnoPLe's prompt learning at the next step; the service keeps serving."""
+    import time
+
+    from detector.service import RequestTimeoutError
+
+    service = InspectionService(ServiceConfig(**TINY))
+    normals_i = normal_set(1)
+    started = time.perf_counter()
+    with pytest.raises(RequestTimeoutError, match=r"time limit of 0\.5 s"):
+        service.inspect(["anople"], normals_i, query_for(1), options={"anople": {"steps": 100000}}, timeout=0.5)
+    assert time.perf_counter() - started < 10, "the fit was not stopped near its time limit"
+    assert service.cached_keys() == [] and service.fit_count == 0
+    report = service.inspect(["inctrl"], normals_i, query_for(1), timeout=limits.REQUEST_TIMEOUT_SECONDS)
+    assert np.isfinite(report.outcomes[0].result.score)
