@@ -470,6 +470,7 @@ class InspectionApp:
                 class_name=(object_name or "object").strip() or "object",
                 options=overrides,
                 progress=callback,
+                timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
             )
         except gr.Error:
             raise
