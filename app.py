@@ -775,6 +775,7 @@ def launch_kwargs(config: AppConfig) -> dict[str, Any]:
         server_name=config.server_name or None,
         server_port=config.server_port or None,
         max_file_size=limits.MAX_UPLOAD_BYTES,
+        state_session_capacity=limits.MAX_STORED_SESSIONS,
         allowed_paths=[str(ASSETS_DIR)],
         theme=gr.themes.Soft(primary_hue="blue"),
         css=CSS,

@@ -35,6 +35,11 @@ MAX_QUEUED_JOBS = 16
 #: Seconds one app request may run before it is stopped.
 REQUEST_TIMEOUT_SECONDS = 600
 
+#: Sessions whose state (the last report: query pixels and maps) the app keeps in memory;
+#: the least recently used session's state is dropped first (Gradio's
+#: ``state_session_capacity``; Gradio's own default is 10000).
+MAX_STORED_SESSIONS = 64
+
 #: Fitted detectors the app keeps (least recently used ones are dropped first).
 FITTED_DETECTOR_CACHE_SIZE = 6
 
