@@ -215,18 +215,20 @@ def test_uploads_above_the_size_limit_are_refused(served, tmp_path):
 
 
 def test_only_detect_is_a_public_endpoint(served):
-    """Everything else (threshold redraw, visibility, examples) is private: no client can
-    call it to fill server-side stores."""
+    """Everything else (threshold redraw, visibility) is private, and the examples' loader
+    only takes the index of a listed example: no client can fill server-side stores."""
     from gradio_client.exceptions import AppError
 
     demo, client, _ = served
     info = client.view_api(return_format="dict", print_info=False)
     assert list(info["named_endpoints"]) == ["/detect"] and not info["unnamed_endpoints"]
-    examples = [i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == "detect_example"]
-    for fn_index in examples:
-        with pytest.raises((AppError, ValueError, Exception)):
-            client.predict(None, None, ["InCTRL"], "x", 0.5, fn_index=fn_index)
-    assert len(demo.inspection_app.example_reports) == 0
+    rerender = next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == "rerender")
+    with pytest.raises(ValueError, match="Invalid function index"):
+        client.predict(None, None, 0.3, 0.5, "jet", fn_index=rerender)
+    rows, _ = app.example_rows(demo.inspection_app.methods)
+    with pytest.raises(AppError):
+        client.predict(len(rows) + 100, api_name="/load_example")
+    assert len(demo.inspection_app.example_reports) <= len(rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,9 +261,10 @@ class GatedFactory:
         return create_detector(name, **kwargs)
 
 
-def test_20_concurrent_sessions_queue_full_and_isolated(tmp_path):
+def test_20_concurrent_sessions_queue_full_and_isolated(tmp_path, monkeypatch):
     """20 sessions with different normal sets: with one job running, MAX_QUEUED_JOBS wait
-    and the rest get Gradio's "queue full"; every answer equals its request run alone."""
+    and the rest get Gradio's "queue full"; every answer equals its request run alone.
+    Session state is capped (MAX_STORED_SESSIONS, lowered here to 5) without breaking jobs."""
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -276,6 +279,7 @@ def test_20_concurrent_sessions_queue_full_and_isolated(tmp_path):
         query = tmp_path / f"q{i}.png"
         Image.fromarray(query_for(i)).save(query)
         inputs.append((normals, query))
+    monkeypatch.setattr(limits, "MAX_STORED_SESSIONS", 5)
     factory = GatedFactory()
     demo = app.build_demo(CONFIG, service=InspectionService(CONFIG.service_config(), factory=factory))
     url = launch(demo)
@@ -306,6 +310,8 @@ def test_20_concurrent_sessions_queue_full_and_isolated(tmp_path):
                 answers[i] = job.result(timeout=120)
             except Exception as error:  # collected and checked below
                 failures[i] = error
+        assert demo.state_session_capacity == 5
+        assert len(demo.state_holder.session_data) <= 5
     finally:
         factory.gate.set()
         demo.close()
@@ -331,7 +337,8 @@ def test_per_session_state_and_temp_files_are_bounded(served):
     demo, _, _ = served
     # Gradio keeps session state in an LRU of this many sessions; the app's temporary
     # files (uploads, output images) are deleted by age (``delete_cache``).
-    assert demo.state_session_capacity <= 10000
+    assert demo.state_session_capacity == limits.MAX_STORED_SESSIONS
+    assert len(demo.state_holder.session_data) <= limits.MAX_STORED_SESSIONS
     frequency, age = demo.delete_cache
     assert 0 < frequency <= 24 * 3600 and 0 < age <= 24 * 3600
     states = [block for block in demo.blocks.values() if block.__class__.__name__ == "State"]
