@@ -333,15 +333,23 @@ class InspectionService:
                 if entry is not None:
                     self._cache.move_to_end(key)
                     return entry, True
-            if progress is not None:
-                progress(0.0, f"loading {cls.display_name}")
-            detector, fallback = self._build(cls.name, options)
-            start = time.perf_counter()
-            detector.fit(loaded, progress=_scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
-            fit_seconds = time.perf_counter() - start
-            if progress is not None:
-                progress(0.9, f"calibrating {cls.display_name}")
-            calibration = detector.calibrate()
+            try:
+                if progress is not None:
+                    progress(0.0, f"loading {cls.display_name}")
+                detector, fallback = self._build(cls.name, options)
+                start = time.perf_counter()
+                detector.fit(loaded, progress=_scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
+                fit_seconds = time.perf_counter() - start
+                if progress is not None:
+                    progress(0.9, f"calibrating {cls.display_name}")
+                calibration = detector.calibrate()
+            except BaseException:
+                # Nothing is cached for a failed fit: drop its lock too, so failing requests
+                # leave nothing behind.
+                with self._lock:
+                    if key not in self._cache:
+                        self._key_locks.pop(key, None)
+                raise
             entry = FittedDetector(
                 method=cls.name,
                 detector=detector,

@@ -601,5 +601,6 @@ def test_request_timeout_stops_a_long_fit_and_caches_nothing():
         service.inspect(["anople"], normals_i, query_for(1), options={"anople": {"steps": 100000}}, timeout=0.5)
     assert time.perf_counter() - started < 10, "the fit was not stopped near its time limit"
     assert service.cached_keys() == [] and service.fit_count == 0
+    assert service._key_locks == {}, "a failed fit left its lock behind"
     report = service.inspect(["inctrl"], normals_i, query_for(1), timeout=limits.REQUEST_TIMEOUT_SECONDS)
     assert np.isfinite(report.outcomes[0].result.score)
