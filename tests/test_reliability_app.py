@@ -198,6 +198,34 @@ def test_only_the_assets_folder_is_served(served):
             assert "root:" not in response.text and "import gradio" not in response.text
 
 
+def test_server_paths_in_requests_are_not_opened(served, files, tmp_path):
+    """A raw API call naming a server-side image (not uploaded) as query or normal image is
+    refused by Gradio before the app sees it; the app keeps serving."""
+    import httpx
+
+    _, client, url = served
+    paths, _ = files
+    secret = tmp_path / "server_only.png"
+    Image.fromarray(texture(50, (64, 64))).save(secret)
+    file_data = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    defaults = [0.5, "jet", "fast", None, None]
+    base = url.rstrip("/")
+    for data in ([None, file_data, ["FAPrompt"], "object", 0.5, *defaults],
+                 [[{"image": file_data, "caption": None}], file_data, ["InCTRL"], "object", 0.5, *defaults]):
+        event = httpx.post(f"{base}/gradio_api/call/detect", json={"data": data}).json()["event_id"]
+        stream = httpx.get(f"{base}/gradio_api/call/detect/{event}", timeout=60).text
+        assert "event: error" in stream and "server_only" not in stream, stream[:300]
+    # The same raw call with uploaded files works (so the refusal above is about the path).
+    uploaded = [httpx.post(f"{base}/gradio_api/upload", files={"files": (p.name, p.read_bytes())}).json()[0]
+                for p in (paths["normal0"], paths["query"])]
+    good = [[{"image": {"path": uploaded[0], "meta": {"_type": "gradio.FileData"}}, "caption": None}],
+            {"path": uploaded[1], "meta": {"_type": "gradio.FileData"}}, ["InCTRL"], "object", 0.5, *defaults]
+    event = httpx.post(f"{base}/gradio_api/call/detect", json={"data": good}).json()["event_id"]
+    stream = httpx.get(f"{base}/gradio_api/call/detect/{event}", timeout=60).text
+    assert "event: complete" in stream, stream[:300]
+    assert_still_serving(client, paths)
+
+
 def test_uploads_above_the_size_limit_are_refused(served, tmp_path):
     import httpx
 
