@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -255,7 +255,7 @@ def test_bad_input_as_query(name, cases, inctrl, normals):
             assert result.score == pytest.approx(reference.score, abs=1e-6)
             np.testing.assert_allclose(result.anomaly_map, reference.anomaly_map, atol=1e-6)
         if case.warning is not None:
-            assert any(__import__("re").search(case.warning, w) for w in result.warnings), result.warnings
+            assert any(re.search(case.warning, w) for w in result.warnings), result.warnings
         else:
             assert not any("frame" in w for w in result.warnings)
     # The detector keeps working after every case.
