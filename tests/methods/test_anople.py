@@ -148,7 +148,7 @@ def test_t8_fit_learns_to_separate_pseudo_anomalies(sixty_step_fit):
     "alignment terms stay near chance) and the latent anomalies are learned too slowly for a 20% drop "
     "between steps 1-10 and 51-60: measured last/first ratio 0.81-1.02 on tiny-test (seeds 0-2) and "
     "1.02 on ViT-B-16 at random init; reported, assertion kept as specified",
-    strict=False,
+    strict=True,
 )
 def test_t8_loss_drops_by_a_fifth(sixty_step_fit):
     _, _, report = sixty_step_fit
