@@ -100,3 +100,9 @@ def test_detection_result_is_frozen():
     result = DetectionResult("x", 0.1, np.zeros((2, 2), np.float32), np.zeros((1, 1), np.float32), {}, {})
     with pytest.raises(AttributeError):
         result.score = 0.2  # type: ignore[misc]
+
+
+def test_builtin_methods_are_registered_in_the_documented_order():
+    assert detector.list_methods()[:3] == ["inctrl", "anople", "faprompt"]
+    for name in ("InCTRL", "AnoPLe", "FAPrompt"):
+        assert detector.get_method(name).display_name == name
