@@ -35,6 +35,7 @@ class _ConstantDetector(Detector):
 
 @pytest.fixture
 def constant_method(monkeypatch):
+    detector.list_methods()  # register the built-in methods before the registry is swapped
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     registry.register_method("Constant-Test")(_ConstantDetector)
     return "constant-test"
