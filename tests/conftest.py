@@ -10,6 +10,30 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def default_torch_threads() -> int:
+    """One torch thread for the whole run: the tiny model runs op by op, and thread hand-offs
+    cost far more than they save on 2 cores. Returns the machine's default count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _all_threads_for_slow_tests(request, default_torch_threads: int):
+    """Tests marked ``slow`` run real architectures and get every thread back."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    torch.set_num_threads(default_torch_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

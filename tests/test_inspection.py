@@ -8,7 +8,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from detector import create_detector, inspection, maps
@@ -17,13 +16,6 @@ from detector.synthetic import texture
 NORMAL_SIZE = (72, 104)  # H, W: not square, so boxes map through a real geometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model runs fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

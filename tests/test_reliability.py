@@ -208,16 +208,6 @@ def displayed_shape(case: Case) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: tiny models on a shared 2-core machine run far faster without
-    thread hand-offs (and concurrent requests do not oversubscribe the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> dict[str, Case]:
     built = {case.name: case for case in bad_input_cases(tmp_path_factory.mktemp("bad_inputs"))}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app
@@ -34,14 +33,6 @@ from test_reliability import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = app.AppConfig(backbone="tiny-test", backbone_weights="random", anople_steps=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def launch(demo):

@@ -13,19 +13,6 @@ from detector.train import build_parser
 from detector.training import faprompt as training
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny-model tests run op by op; one intra-op thread avoids thread hand-off overhead
-    (large on a busy machine). Slow tests keep the default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,6 @@ def textures(count: int, size: int = 96, kind: str = "grating", seed: int = 0, s
     return [texture(kind, seed, (size, size), start + i) for i in range(count)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model runs fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(**options):

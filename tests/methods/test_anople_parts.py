@@ -14,13 +14,6 @@ from detector.methods.anople.encoders import PromptedCLIP
 from detector.methods.anople.model import AnoPLe, prompt_texts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model runs fastest on one thread (no OpenMP hand-offs on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build_module(backbone, preset: str = "fast", seed: int = 0, **overrides) -> AnoPLe:
