@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import maps
+from . import limits, maps
 from .api import Calibration, DetectionResult, Detector, InvalidImageError
 from .images import load_image
 
@@ -402,9 +402,14 @@ def run_batch(
     Returns:
         ``BatchResult`` with rows ranked by ``rank_batch``. An image that cannot be decoded
         (``InvalidImageError``) is listed in ``errors`` and skipped; other errors propagate.
+        More than ``limits.MAX_BATCH_QUERIES`` queries raise ``ValueError`` before any work.
     """
     if not detectors:
         raise ValueError("choose at least one method")
+    if len(queries) > limits.MAX_BATCH_QUERIES:
+        raise ValueError(
+            f"{len(queries)} query images given, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch"
+        )
     entries = {name: _unpack(entry) for name, entry in detectors.items()}
     rows: list[BatchRow] = []
     overlays: list[tuple[str, str, np.ndarray]] = []

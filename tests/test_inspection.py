@@ -219,6 +219,18 @@ def test_batch_skips_unreadable_images(fitted, queries):
     assert [name for name, _ in out.errors] == ["broken.png"] and out.errors[0][1]
 
 
+def test_batch_over_the_limit_is_refused_before_any_work(fitted, queries, monkeypatch):
+    from detector import limits
+
+    det = fitted["inctrl"]
+    calls = []
+    monkeypatch.setattr(det, "predict", lambda image: calls.append(image))
+    too_many = [queries[0]] * (limits.MAX_BATCH_QUERIES + 1)
+    with pytest.raises(ValueError, match=f"at most {limits.MAX_BATCH_QUERIES}"):
+        inspection.run_batch({"inctrl": (det, det.calibrate())}, too_many)
+    assert calls == []
+
+
 def test_rank_batch_on_constructed_rows():
     def row(image, method, score, calibrated):
         return inspection.BatchRow(image, method, score, calibrated, 0.5, inspection.verdict(calibrated, 0.5), 0.1)
