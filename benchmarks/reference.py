@@ -6,9 +6,10 @@ so the speed-up of the package's cached path is a ratio measured side by side in
 
 * InCTRL (``engine_IC.py`` at batch 1): the 242 text prompts and the k normal images are
   encoded again for every query, then the query itself.
-* FAPrompt (``test.py``): the pass-1 text features are encoded again for every image, the
-  pass-2 prompts run over all 77 token positions, and the map is upsampled to 518 px with
-  ``F.interpolate`` and smoothed with ``scipy.ndimage.gaussian_filter`` on both classes.
+* FAPrompt (``test.py``): the image goes through the official attention arithmetic (explicit
+  score matrices for both the standard and the value-value path), the pass-1 and pass-2 prompts
+  are encoded for every image over all 77 token positions, and the map is upsampled to the input
+  size with ``F.interpolate`` and smoothed with ``scipy.ndimage.gaussian_filter``.
 """
 
 from __future__ import annotations
@@ -30,21 +31,82 @@ def inctrl_official_pattern(det: Any, normals: list, query: Any) -> float:
     return det.predict(query).score
 
 
+def official_dual_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``Attention`` module's arithmetic (``AnomalyCLIP_lib``): explicit
+    ``q k^T`` and ``v v^T`` score matrices, softmax and products for both paths, no fused kernel.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock``; x: ``(B, N, C)`` ``ln_1`` output.
+
+    Returns:
+        ``(value_only, standard)`` after ``out_proj``, each ``(B, N, C)`` (official order).
+    """
+    attn = block.attn
+    batch, tokens, width = x.shape
+    heads = attn.num_heads
+    scale = (width // heads) ** -0.5
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    standard_weights = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    value_weights = ((v @ v.transpose(-2, -1)) * scale).softmax(dim=-1)
+    standard = (standard_weights @ v).transpose(1, 2).reshape(batch, tokens, width)
+    value_only = (value_weights @ v).transpose(1, 2).reshape(batch, tokens, width)
+    return attn.out_proj(value_only), attn.out_proj(standard)
+
+
+def official_vision_forward(encoder: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``VisionTransformer.forward(..., DPAM_layer=20)`` of the official code on the weights of
+    our ``DualPathVisionEncoder``: same numbers, the official attention arithmetic.
+
+    Returns normalised ``(global (B, E), patches (B, 1 + N, E))``.
+    """
+    visual = encoder.visual
+    blocks = visual.transformer.resblocks
+    x = encoder.embed(images.to(visual.conv1.weight.dtype))
+    for block in blocks[: encoder.vv_start]:
+        x = block(x) if encoder.batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+    x_vv, x_ori = x, x
+    for block in blocks[encoder.vv_start :]:
+        value_only, standard = official_dual_attention(block, block.ln_1(x_ori))
+        x_ori = x_ori + block.ls_1(standard)
+        x_ori = x_ori + block.ls_2(block.mlp(block.ln_2(x_ori)))
+        x_vv = x_vv + block.ls_1(value_only)
+    patches = visual.ln_post(x_vv) @ visual.proj
+    global_features = x_ori[:, 0] @ visual.proj
+    return F.normalize(global_features, dim=-1), F.normalize(patches, dim=-1)
+
+
 def faprompt_official_pattern(det: Any, normals: list, query: Any) -> float:
-    """One image the official way; returns the score."""
+    """One image the way the official ``test.py`` computes it; returns the score.
+
+    Per image, as the official loop does: the image through the official DPAM attention
+    arithmetic; pass-1 normal and abnormal prompts encoded again over all 77 token positions;
+    pass-2 prompts (normal again, abnormal with the image's prior bias) encoded over all 77
+    positions; both passes' maps upsampled to the input size with ``F.interpolate`` and smoothed
+    with ``scipy.ndimage.gaussian_filter``. The score equals ``det.predict(query).score``.
+    """
     from scipy.ndimage import gaussian_filter
 
     from detector.images import load_image, preprocess
     from detector.methods import faprompt
 
     model = det.model
+    learner = model.learner
+    full_text = faprompt.PromptTextEncoder(det.backbone.model, cut_at_end_token=False)
+    deep = model.deep_prompts()
+    eot_normal, eot_abnormal = learner.eot_positions()
     with torch.inference_mode():
         tensor, _ = preprocess(load_image(query), det.preprocess_spec)
-        batch = tensor.unsqueeze(0)
-        state = model.text_state()
-        global_features, patches = model.encode_images(batch)
-        pass1 = faprompt.class_probabilities(patches, state.classes)
-        classes2, _, _ = model.second_pass(patches, pass1, state)
+        global_features, patches = official_vision_forward(model.vision, tensor.unsqueeze(0))
+        normal = full_text(learner.normal_embeddings(), eot_normal, deep)
+        abnormal = full_text(learner.abnormal_embeddings(), eot_abnormal, deep)
+        pass1 = faprompt.class_probabilities(patches, faprompt.class_text_features(normal, abnormal))
+        if model.use_prior:
+            prior = faprompt.select_prior_tokens(patches, pass1, model.prior_patches)
+            bias = learner.abnormality_bias(prior)[0]
+            normal = full_text(learner.normal_embeddings(), eot_normal, deep)
+            abnormal = full_text(learner.abnormal_embeddings(bias), eot_abnormal, deep)
+        classes2 = faprompt.class_text_features(normal, abnormal).unsqueeze(0)
         pass2 = faprompt.class_probabilities(patches, classes2)
         logits = (global_features.unsqueeze(1) @ classes2.transpose(1, 2)).squeeze(1) / faprompt.TEMPERATURE
         score = faprompt.image_score(logits.softmax(dim=-1)[:, 1], pass1, pass2)

@@ -20,6 +20,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,9 @@ DEFAULT_METHODS = ("inctrl", "anople", "faprompt")
 SHOT_COUNTS = (1, 2, 4, 8)
 #: AnoPLe's faithful preset is timed on its first steps and extrapolated to its full schedule.
 FAITHFUL_TIMED_STEPS = 20
+#: Methods with an opt-in ``precision="bf16"``, measured on their first few queries.
+REDUCED_PRECISION_METHODS = ("faprompt",)
+BF16_QUERIES = 2
 QUERY_SIZE = (256, 320)  # (H, W): non-square, like real photos
 
 COLUMNS = (
@@ -83,10 +87,38 @@ def _create(method: str, quick: bool, **options: Any):
     return create_detector(method, backbone=backbone, backbone_weights="random", **options)
 
 
-def _method_options(method: str, quick: bool) -> dict[str, Any]:
-    """Options of the benchmarked configuration (AnoPLe: fast preset; quick: few steps)."""
+def _random_prompt_learner(quick: bool, directory: Path) -> Path:
+    """A FAPrompt prompt-learner file at the official random initialisation (seed 0).
+
+    The benchmark runs FAPrompt in its learned configuration (deep prompts and the
+    abnormality prior, two text passes per query), the one the official code runs; without a
+    file the method would run its cheaper training-free word mode.
+    """
+    from detector.backbone import clear_backbone_cache, load_backbone
+    from detector.checkpoints import save_safetensors
+    from detector.methods import faprompt
+
+    model_name = "tiny-test" if quick else faprompt.DEFAULT_BACKBONE
+    backbone = load_backbone(
+        model_name, "random", image_size=faprompt.method_image_size(model_name), quick_gelu=True
+    )
+    learner = faprompt.FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=0)
+    path = save_safetensors(
+        directory / "faprompt-random-prompts.safetensors",
+        learner.state_dict(),
+        {"method": "faprompt", "backbone": model_name, "note": "random initialisation for benchmarking"},
+    )
+    clear_backbone_cache()
+    return path
+
+
+def _method_options(method: str, quick: bool, directory: Path) -> dict[str, Any]:
+    """Options of the benchmarked configuration (AnoPLe: fast preset, quick: few steps;
+    FAPrompt: learned prompts at random initialisation)."""
     if method == "anople" and quick:
         return {"steps": 3}
+    if method == "faprompt":
+        return {"checkpoint": str(_random_prompt_learner(quick, directory))}
     return {}
 
 
@@ -101,10 +133,11 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
 
     torch.set_num_threads(threads)
     clear_backbone_cache()
-    options = _method_options(method, quick)
-    start = time.perf_counter()
-    det = _create(method, quick, **options)
-    construct_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as directory:
+        options = _method_options(method, quick, Path(directory))
+        start = time.perf_counter()
+        det = _create(method, quick, **options)
+        construct_s = time.perf_counter() - start
 
     normals = _images(8, seed=1, defect=False)
     fit_s = {k: _timed(lambda k=k: det.fit(normals[:k])) for k in SHOT_COUNTS}
@@ -131,7 +164,7 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
         "encoder_median_s": statistics.median(encoder_times),
         "encoder_all_s": encoder_times,
         "threads": torch.get_num_threads(),
-        "options": options,
+        "mode": det.describe().get("mode"),
     }
     row["predict_to_encoder"] = row["predict_median_s"] / row["encoder_median_s"]
 
@@ -141,7 +174,14 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
         official(det, normals[:2], reference_queries[0])  # warm-up
         det.fit(normals[:2])
         ours = [_timed(lambda q=q: det.predict(q)) for q in reference_queries]
-        theirs = [_timed(lambda q=q: official(det, normals[:2], q)) for q in reference_queries]
+        theirs, official_scores = [], []
+        for query in reference_queries:
+            start = time.perf_counter()
+            official_scores.append(official(det, normals[:2], query))
+            theirs.append(time.perf_counter() - start)
+        row["official_max_score_diff"] = max(
+            abs(score - det.predict(query).score) for score, query in zip(official_scores, reference_queries)
+        )
         row["official_median_s"] = statistics.median(theirs)
         row["official_ours_median_s"] = statistics.median(ours)
         row["speedup_vs_official"] = row["official_median_s"] / row["official_ours_median_s"]
@@ -149,7 +189,30 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
     if method == "anople":
         row["anople_presets"] = _anople_presets(quick, normals)
     row["peak_rss_mib"] = _peak_rss_mib()
+    if method in REDUCED_PRECISION_METHODS:
+        row["bf16"] = _reduced_precision(method, quick, det, query_images[1 : 1 + BF16_QUERIES])
     return row
+
+
+def _reduced_precision(method: str, quick: bool, fp32_detector: Any, queries: list) -> dict[str, Any]:
+    """The opt-in ``precision="bf16"`` detector on the same prompt state: its predict time
+    (no warm-up, first queries only) and its deviation from the fp32 results."""
+    with tempfile.TemporaryDirectory() as directory:  # the same seeded prompt state as fp32
+        det = _create(method, quick, precision="bf16", **_method_options(method, quick, Path(directory)))
+    times, score_diffs, map_diffs = [], [], []
+    for query in queries:
+        start = time.perf_counter()
+        result = det.predict(query)
+        times.append(time.perf_counter() - start)
+        reference = fp32_detector.predict(query)
+        score_diffs.append(abs(result.score - reference.score))
+        map_diffs.append(float(abs(result.raw_map - reference.raw_map).max()))
+    return {
+        "predict_median_s": statistics.median(times),
+        "predict_all_s": times,
+        "max_score_diff": max(score_diffs),
+        "max_raw_map_diff": max(map_diffs),
+    }
 
 
 def _anople_presets(quick: bool, normals: list) -> dict[str, Any]:
@@ -184,11 +247,12 @@ def bench_all_loaded(methods: Sequence[str], quick: bool, threads: int) -> dict[
     normals = _images(4, seed=2, defect=False)
     query = _images(1, seed=2, defect=True)[0]
     detectors = []
-    for method in methods:
-        det = _create(method, quick, **_method_options(method, quick))
-        det.fit(normals)
-        det.predict(query)
-        detectors.append(det)
+    with tempfile.TemporaryDirectory() as directory:
+        for method in methods:
+            det = _create(method, quick, **_method_options(method, quick, Path(directory)))
+            det.fit(normals)
+            det.predict(query)
+            detectors.append(det)
     return {"methods": list(methods), "peak_rss_mib": _peak_rss_mib(), "threads": torch.get_num_threads()}
 
 
@@ -251,6 +315,14 @@ def report(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         if "anople_presets" in row:
             parts.append(anople_table(row["anople_presets"]))
+    for row in result["rows"]:
+        if "bf16" in row:
+            bf16 = row["bf16"]
+            parts.append(
+                f"{row['method']} with the opt-in precision=\"bf16\": predict median {_format(bf16['predict_median_s'])} s "
+                f"over {len(bf16['predict_all_s'])} queries without warm-up (fp32: {_format(row['predict_median_s'])} s); "
+                f"deviation from fp32: score {bf16['max_score_diff']:.2g}, raw map {bf16['max_raw_map_diff']:.2g} (max abs)."
+            )
     together = result["all_loaded"]
     parts.append(
         f"All of {', '.join(together['methods'])} loaded at once: peak RSS {together['peak_rss_mib']:.0f} MiB "

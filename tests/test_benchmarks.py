@@ -40,6 +40,39 @@ def test_ratios_are_computed_from_measured_times(quick_result):
         assert row["predict_p90_s"] >= row["predict_median_s"]
 
 
+def test_official_pattern_rows_compute_the_same_scores(quick_result):
+    rows = {row["method"]: row for row in quick_result["rows"]}
+    assert rows["faprompt"]["mode"] == "learned"  # deep prompts and prior: the official configuration
+    for row in rows.values():
+        assert row["official_max_score_diff"] < 1e-5
+
+
+def test_bf16_is_measured_separately_with_its_deviation(quick_result):
+    rows = {row["method"]: row for row in quick_result["rows"]}
+    bf16 = rows["faprompt"]["bf16"]
+    assert bf16["predict_median_s"] == pytest.approx(statistics.median(bf16["predict_all_s"]))
+    assert 0 < bf16["max_raw_map_diff"] < 0.2  # reduced precision changes the numbers, a little
+    assert "bf16" not in rows["inctrl"]
+    assert "precision=\"bf16\"" in bench.report(quick_result)
+
+
+def test_faprompt_reference_arithmetic_equals_the_package_encoder():
+    """The official-pattern vision forward (explicit attention matrices) and the full 77-token
+    text forward give the package's numbers."""
+    import torch
+
+    from benchmarks.reference import official_vision_forward
+    from detector import create_detector
+
+    det = create_detector("faprompt", backbone="tiny-test")
+    images = torch.randn(2, 3, det.image_size, det.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = det.model.encode_images(images)
+        theirs = official_vision_forward(det.model.vision, images)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_markdown_table_lists_each_method(quick_result):
     table = bench.report(quick_result)
     header = table.splitlines()[0]

@@ -101,6 +101,9 @@ WORD_ABNORMALITY_PHRASES = (
 WORD_PAD = ","
 PROMPTS_OPTIONS = ("auto", "learned", "words")
 PRIOR_OPTIONS = ("first", "topk")
+#: ``"fp32"`` (default, the official numbers) or ``"bf16"`` (opt-in: backbone and prompt state
+#: in bfloat16; changes the numbers, and is only faster on CPUs with native bf16 matmuls).
+PRECISION_OPTIONS = ("fp32", "bf16")
 
 
 # -- sizes derived from the backbone ---------------------------------------------------------
@@ -230,12 +233,14 @@ class PromptTextEncoder(nn.Module):
 
     The CLIP model is held by reference, not registered (see ``DualPathVisionEncoder``).
     Sequences are cut after the last end-of-text position of the batch: attention is causal,
-    so the features at the EOT token do not change.
+    so the features at the EOT token do not change (``cut_at_end_token=False`` runs all
+    context positions, as the official code does; used by the benchmark's reference row).
     """
 
-    def __init__(self, clip_model: nn.Module) -> None:
+    def __init__(self, clip_model: nn.Module, cut_at_end_token: bool = True) -> None:
         super().__init__()
         self.__dict__["clip"] = clip_model
+        self.cut_at_end_token = bool(cut_at_end_token)
         self.calls = 0
 
     def forward(
@@ -258,7 +263,7 @@ class PromptTextEncoder(nn.Module):
         """
         self.calls += 1
         clip = self.clip
-        length = int(eot_positions.max()) + 1
+        length = int(eot_positions.max()) + 1 if self.cut_at_end_token else embeddings.shape[1]
         x = embeddings[:, :length]
         x = x + clip.positional_embedding[:length].to(x.dtype)
         mask = clip.attn_mask[:length, :length] if getattr(clip, "attn_mask", None) is not None else None
@@ -652,7 +657,7 @@ class FAPromptDetector(Detector):
 
     display_name = "FAPrompt"
     requires_fit = False
-    method_options = {"prompts": "auto", "prior_patches": "first"}
+    method_options = {"prompts": "auto", "prior_patches": "first", "precision": "fp32"}
 
     def __init__(
         self,
@@ -666,8 +671,11 @@ class FAPromptDetector(Detector):
         seed: int = 0,
         prompts: str = "auto",
         prior_patches: str = "first",
+        precision: str = "fp32",
     ) -> None:
         super().__init__(device=device, class_name=class_name, sigma=sigma, seed=seed)
+        if precision not in PRECISION_OPTIONS:
+            raise ValueError(f"precision must be one of {PRECISION_OPTIONS}, got {precision!r}")
         if prompts not in PROMPTS_OPTIONS:
             raise ValueError(f"prompts must be one of {PROMPTS_OPTIONS}, got {prompts!r}")
         if prior_patches not in PRIOR_OPTIONS:
@@ -678,7 +686,10 @@ class FAPromptDetector(Detector):
         weights = resolve_weights(model_name, backbone_weights, default_model=DEFAULT_BACKBONE, default_weights=DEFAULT_WEIGHTS)
         self.image_size = method_image_size(model_name)
         quick_gelu = True if model_name in (DEFAULT_BACKBONE, TINY_TEST) else None
-        self.backbone = load_backbone(model_name, weights, image_size=self.image_size, device=device, quick_gelu=quick_gelu)
+        self.precision = precision
+        self.backbone = load_backbone(
+            model_name, weights, image_size=self.image_size, device=device, precision=precision, quick_gelu=quick_gelu
+        )
         visual = self.backbone.visual
         is_vit_clip = hasattr(visual, "transformer") and getattr(visual, "proj", None) is not None
         if not is_vit_clip or not hasattr(self.backbone.model, "token_embedding"):
@@ -703,7 +714,7 @@ class FAPromptDetector(Detector):
             learner = FAPromptLearner.for_backbone(self.backbone)
             learner.set_template_buffers(self.backbone)
             self.word_ids = learner.set_word_context(self.backbone)
-        learner.to(self.backbone.device).eval().requires_grad_(False)
+        learner.to(self.backbone.device, dtype=self.backbone.visual.conv1.weight.dtype).eval().requires_grad_(False)
         self.model = FAPromptModel(
             self.backbone,
             learner,
@@ -731,6 +742,7 @@ class FAPromptDetector(Detector):
             "mode": "learned" if self.learned else "training-free",
             "prompts": "learned" if self.learned else "words",
             "prior_patches": self.prior_patches,
+            "precision": self.precision,
             "sigma": self.map_sigma,
             "vv_start_block": self.model.vision.vv_start,
             "deep_prompts": len(self.model.learner.compound_prompts_text) if self.learned else 0,

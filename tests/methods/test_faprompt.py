@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from detector import create_detector
 from detector.api import CheckpointError
 from detector.backbone import load_backbone
+from detector import synthetic
 from detector.methods import faprompt as fp
 
 TINY = "tiny-test"
@@ -331,3 +332,17 @@ def test_real_architecture_random_init():
     learner = fp.FAPromptLearner.for_backbone(det.backbone)
     assert len(learner.state_dict()) == 36
     assert learner.patch_meta_net.linear1.weight.shape == (480, 7680)
+
+
+def test_bf16_is_opt_in_and_close_to_fp32(learned_file):
+    image = synthetic.texture("grating", 0, size=(90, 110), index=0)
+    fp32 = create_detector("faprompt", backbone="tiny-test", checkpoint=str(learned_file))
+    bf16 = create_detector("faprompt", backbone="tiny-test", checkpoint=str(learned_file), precision="bf16")
+    assert fp32.describe()["precision"] == "fp32" and bf16.describe()["precision"] == "bf16"
+    assert bf16.model.learner.ctx_pos.dtype == torch.bfloat16
+    a, b = fp32.predict(image), bf16.predict(image)
+    assert b.anomaly_map.dtype == np.float32 and b.anomaly_map.shape == a.anomaly_map.shape
+    assert 0 < abs(a.score - b.score) < 0.05
+    assert 0 < np.abs(a.raw_map - b.raw_map).max() < 0.1
+    with pytest.raises(ValueError, match="precision"):
+        create_detector("faprompt", backbone="tiny-test", precision="fp16")
