@@ -101,6 +101,13 @@ def flatten_state(state: Any, *, nested: Iterable[str] = NESTING_KEYS, name: str
             break
     tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        groups = sorted(str(k) for k, v in state.items() if isinstance(v, Mapping))
+        if groups:
+            raise CheckpointError(
+                f"{name} holds no tensors at its top level, only the group(s) {', '.join(map(repr, groups[:5]))}, "
+                f"which this model does not read (expected one of {', '.join(map(repr, nested))} or plain "
+                "tensors): it is probably a checkpoint of another method"
+            )
         raise CheckpointError(f"{name} holds no tensors")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}

@@ -345,7 +345,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "method, file, message",
     [
-        ("inctrl", "faprompt_official", r"faprompt_learner\.pth holds no (tensors|InCTRL head keys)"),
+        ("inctrl", "faprompt_official", r"faprompt_learner\.pth holds no tensors at its top level, only the group\(s\) .prompt_learner.*another method"),
         ("inctrl", "faprompt_own", r"written for method 'faprompt', not 'inctrl'"),
         ("faprompt", "inctrl_official", r"does not fit the FAPrompt prompt learner.*missing keys"),
         ("faprompt", "inctrl_shots8", r"written for the method 'inctrl', not faprompt"),
