@@ -39,7 +39,7 @@ def official_dual_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[to
         block: an open_clip ``ResidualAttentionBlock``; x: ``(B, N, C)`` ``ln_1`` output.
 
     Returns:
-        ``(value_only, standard)`` after ``out_proj``, each ``(B, N, C)`` (official order).
+        ``(standard, value_only)`` after ``out_proj``, each ``(B, N, C)``.
     """
     attn = block.attn
     batch, tokens, width = x.shape
@@ -51,29 +51,16 @@ def official_dual_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[to
     value_weights = ((v @ v.transpose(-2, -1)) * scale).softmax(dim=-1)
     standard = (standard_weights @ v).transpose(1, 2).reshape(batch, tokens, width)
     value_only = (value_weights @ v).transpose(1, 2).reshape(batch, tokens, width)
-    return attn.out_proj(value_only), attn.out_proj(standard)
+    return attn.out_proj(standard), attn.out_proj(value_only)
 
 
-def official_vision_forward(encoder: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``VisionTransformer.forward(..., DPAM_layer=20)`` of the official code on the weights of
-    our ``DualPathVisionEncoder``: same numbers, the official attention arithmetic.
+def official_vision_encoder(det: Any) -> Any:
+    """The detector's V-V vision encoder with the official attention arithmetic: the
+    official ``VisionTransformer.forward(..., DPAM_layer=20)``, same numbers."""
+    from detector.methods import faprompt
 
-    Returns normalised ``(global (B, E), patches (B, 1 + N, E))``.
-    """
-    visual = encoder.visual
-    blocks = visual.transformer.resblocks
-    x = encoder.embed(images.to(visual.conv1.weight.dtype))
-    for block in blocks[: encoder.vv_start]:
-        x = block(x) if encoder.batch_first else block(x.transpose(0, 1)).transpose(0, 1)
-    x_vv, x_ori = x, x
-    for block in blocks[encoder.vv_start :]:
-        value_only, standard = official_dual_attention(block, block.ln_1(x_ori))
-        x_ori = x_ori + block.ls_1(standard)
-        x_ori = x_ori + block.ls_2(block.mlp(block.ln_2(x_ori)))
-        x_vv = x_vv + block.ls_1(value_only)
-    patches = visual.ln_post(x_vv) @ visual.proj
-    global_features = x_ori[:, 0] @ visual.proj
-    return F.normalize(global_features, dim=-1), F.normalize(patches, dim=-1)
+    vision = det.model.vision
+    return faprompt.DualPathVisionEncoder(vision.visual, vision.vv_start, attention=official_dual_attention)
 
 
 def faprompt_official_pattern(det: Any, normals: list, query: Any) -> float:
@@ -97,7 +84,8 @@ def faprompt_official_pattern(det: Any, normals: list, query: Any) -> float:
     eot_normal, eot_abnormal = learner.eot_positions()
     with torch.inference_mode():
         tensor, _ = preprocess(load_image(query), det.preprocess_spec)
-        global_features, patches = official_vision_forward(model.vision, tensor.unsqueeze(0))
+        global_features, patches = official_vision_encoder(det)(tensor.unsqueeze(0))
+        global_features, patches = F.normalize(global_features, dim=-1), F.normalize(patches, dim=-1)
         normal = full_text(learner.normal_embeddings(), eot_normal, deep)
         abnormal = full_text(learner.abnormal_embeddings(), eot_abnormal, deep)
         pass1 = faprompt.class_probabilities(patches, faprompt.class_text_features(normal, abnormal))

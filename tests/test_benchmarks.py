@@ -61,14 +61,14 @@ def test_faprompt_reference_arithmetic_equals_the_package_encoder():
     text forward give the package's numbers."""
     import torch
 
-    from benchmarks.reference import official_vision_forward
+    from benchmarks.reference import official_vision_encoder
     from detector import create_detector
 
     det = create_detector("faprompt", backbone="tiny-test")
     images = torch.randn(2, 3, det.image_size, det.image_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ours = det.model.encode_images(images)
-        theirs = official_vision_forward(det.model.vision, images)
+        ours = det.model.vision(images)
+        theirs = official_vision_encoder(det)(images)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import open_clip
@@ -181,12 +181,20 @@ class DualPathVisionEncoder(nn.Module):
     Args:
         visual: open_clip ``VisionTransformer`` (already at the method's input size).
         vv_start: first 0-based block with the dual path.
+        attention: ``(block, ln_1 output) -> (standard, value_only)``; :func:`dual_attention`
+            (fused kernels) by default.
     """
 
-    def __init__(self, visual: nn.Module, vv_start: int) -> None:
+    def __init__(
+        self,
+        visual: nn.Module,
+        vv_start: int,
+        attention: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = dual_attention,
+    ) -> None:
         super().__init__()
         self.__dict__["visual"] = visual
         self.vv_start = int(vv_start)
+        self.attention = attention
         self.batch_first = bool(getattr(visual.transformer, "batch_first", True))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,7 +224,7 @@ class DualPathVisionEncoder(nn.Module):
             x = block(x) if self.batch_first else block(x.transpose(0, 1)).transpose(0, 1)
         x_ori, x_vv = x, x
         for block in blocks[self.vv_start:]:
-            standard, value_only = dual_attention(block, block.ln_1(x_ori))
+            standard, value_only = self.attention(block, block.ln_1(x_ori))
             x_vv = x_vv + block.ls_1(value_only)
             x_ori = x_ori + block.ls_1(standard)
             x_ori = x_ori + block.ls_2(block.mlp(block.ln_2(x_ori)))
