@@ -11,9 +11,15 @@ tests call ``build_demo(config)``.
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,6 +29,21 @@ import numpy as np
 
 from detector import limits, maps
 from detector.api import DetectorError
+from detector.inspection import (
+    BatchResult,
+    BatchRow,
+    ExplanationView,
+    agreement,
+    batch_csv,
+    explanation_view,
+    flagged_counts,
+    overlays_zip,
+    panel_from_summary,
+    safe_name,
+    save_report,
+    thumbnail,
+    verdict,
+)
 from detector.registry import get_method, list_methods
 from detector.service import (
     InspectionReport,
@@ -46,6 +67,10 @@ FALLBACK_COLOURS = [(255, 165, 0), (50, 205, 50), (255, 255, 0)]
 COLORMAP_CHOICES = list(maps.COLORMAPS)
 ANOPLE_PRESETS = ("fast", "faithful", "text_only")
 TABLE_HEADERS = ["method", "score", "calibrated", "threshold", "verdict", "time (s)", "weights", "calibration"]
+BATCH_HEADERS = ["rank", "thumbnail", "image", "method", "score", "calibrated", "verdict"]
+BATCH_THUMBNAIL_SIZE = 56
+#: Files written for downloads (reports, CSV, ZIP) kept per app before the oldest is removed.
+MAX_DOWNLOAD_FILES = 48
 
 CSS = """
 #banner {border-radius: 8px; padding: 4px 14px;}
@@ -279,6 +304,66 @@ def table_rows(report: InspectionReport, threshold: float) -> list[list[Any]]:
     return rows
 
 
+def object_word(object_name: str | None) -> str:
+    """The object word for text prompts; ``"object"`` when left empty."""
+    return (object_name or "object").strip() or "object"
+
+
+def explanation_markdown(view: ExplanationView) -> str:
+    """The explanation text, plus FAPrompt's prompt similarities as a table."""
+    text = f"**{view.method}** · {view.text.split(': ', 1)[-1]}"
+    if view.prompt_similarities:
+        rows = "\n".join(f"| {label} | {value:.3f} |" for label, value in view.prompt_similarities)
+        text += "\n\n| prompt | cosine similarity |\n|---|---|\n" + rows
+    elif view.normal_image is None:
+        text += "\n\nThis method does not compare with normal patches."
+    return text
+
+
+def thumbnail_markdown(image_rgb: np.ndarray) -> str:
+    """A small inline PNG for a Markdown table cell."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image_rgb[..., ::-1]))
+    if not ok:
+        return ""
+    return f"![thumbnail](data:image/png;base64,{base64.b64encode(encoded.tobytes()).decode('ascii')})"
+
+
+def batch_rows_at(rows: Sequence[BatchRow], threshold: float) -> list[BatchRow]:
+    """Batch rows with their threshold and verdict at the calibrated ``threshold``."""
+    return [dataclasses.replace(r, threshold=float(threshold), verdict=verdict(r.calibrated, threshold)) for r in rows]
+
+
+def batch_table(rows: Sequence[BatchRow]) -> list[list[Any]]:
+    """Table rows, ranked per method as ``rank_batch`` gives them; ``rank`` restarts per method."""
+    table, rank, previous = [], 0, None
+    for row in rows:
+        rank = rank + 1 if row.method == previous else 1
+        previous = row.method
+        small = thumbnail(row.thumbnail, BATCH_THUMBNAIL_SIZE) if row.thumbnail is not None else None
+        table.append([
+            rank,
+            thumbnail_markdown(small) if small is not None else "",
+            row.image,
+            display_name(row.method),
+            round(row.score, 4),
+            round(row.calibrated, 3),
+            row.verdict,
+        ])
+    return table
+
+
+def flagged_markdown(rows: Sequence[BatchRow], threshold: float, errors: Sequence[tuple[str, str]] = ()) -> str:
+    counts = flagged_counts(rows, threshold)
+    images = len({r.image for r in rows})
+    parts = [f"**{display_name(m)}**: {n} of {images} flagged" for m, n in counts.items()]
+    text = f"At threshold {float(threshold):.2f}: " + " · ".join(parts) if parts else "No image was scored."
+    if errors:
+        text += "\n\n" + "\n".join(f"- skipped **{name}**: {message}" for name, message in errors)
+    return text
+
+
 def short_weights(description: Mapping[str, Any]) -> str:
     """Compact weights facts for the table: backbone / weights · mode."""
     weights = "random" if is_meaningless(description) else str(description.get("backbone_weights", "?"))
@@ -325,6 +410,38 @@ def banner_markdown(service: InspectionService, methods: Sequence[str]) -> tuple
 # -----------------------------------------------------------------------------------------
 # Event handlers
 # -----------------------------------------------------------------------------------------
+class DownloadFolder:
+    """Files offered for download (reports, CSV, ZIP), one sub-folder each so the file keeps
+    its name; beyond ``limit`` files the oldest are removed. Created on first use."""
+
+    def __init__(self, limit: int = MAX_DOWNLOAD_FILES) -> None:
+        self.limit = int(limit)
+        self.root: Path | None = None
+        self._folders: deque[Path] = deque()
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def new_path(self, name: str) -> Path:
+        with self._lock:
+            if self.root is None:
+                self.root = Path(tempfile.mkdtemp(prefix="detector-app-"))
+            self._count += 1
+            folder = self.root / str(self._count)
+            folder.mkdir()
+            self._folders.append(folder)
+            while len(self._folders) > self.limit:
+                shutil.rmtree(self._folders.popleft(), ignore_errors=True)
+        return folder / name
+
+
+@dataclass(frozen=True)
+class BatchSession:
+    """A batch run kept in the session: its result and each image name's uploaded file."""
+
+    result: BatchResult
+    paths: Mapping[str, str]
+
+
 class InspectionApp:
     """The event handlers of one demo: they call the service and draw its results."""
 
@@ -334,6 +451,7 @@ class InspectionApp:
         self.methods = ordered_methods()
         #: Reports of the clicked examples (few and small), by example key.
         self.example_reports: dict[str, InspectionReport] = {}
+        self.downloads = DownloadFolder()
 
     # -- input handling --------------------------------------------------------------------
     @staticmethod
@@ -432,9 +550,28 @@ class InspectionApp:
         return self.example_reports.get(json.dumps(inputs, sort_keys=True))
 
     def run(self, normals, query, methods, object_name, alpha, colormap, anople_preset, sigma, anople_steps, progress):
-        chosen = self.chosen_methods(methods)
         if query is None or query == "":
             raise gr.Error("Upload a query image (the image to inspect) first.")
+        request = self.checked_request(normals, methods, alpha, colormap, anople_preset, sigma, anople_steps)
+        if request is None:
+            return None
+        chosen, paths, overrides = request
+        callback = self.progress_callback(progress)
+        return self.call_service(
+            self.service.inspect,
+            chosen,
+            paths,
+            query,
+            class_name=object_word(object_name),
+            options=overrides,
+            progress=callback,
+            timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
+        )
+
+    def checked_request(self, normals, methods, alpha, colormap, anople_preset, sigma, anople_steps):
+        """``(methods, normal paths, option overrides)`` of a request, or ``None`` (with a
+        warning) when no method is ticked; ``gr.Error`` for anything unusable."""
+        chosen = self.chosen_methods(methods)
         if not chosen:
             gr.Warning("No method is ticked: choose at least one of " + ", ".join(display_name(m) for m in self.methods) + ".")
             return None
@@ -455,23 +592,23 @@ class InspectionApp:
             raise gr.Error(f"colormap must be one of {', '.join(maps.COLORMAPS)}")
         if not 0.0 <= float(alpha) <= 1.0:
             raise gr.Error("overlay alpha must be between 0 and 1")
-        overrides = self.method_overrides(anople_preset, anople_steps, sigma)
-        callback = None
-        if progress is not None:
+        return chosen, paths, self.method_overrides(anople_preset, anople_steps, sigma)
 
-            def callback(fraction: float, message: str) -> None:
-                progress(fraction, desc=message)
+    @staticmethod
+    def progress_callback(progress: Any):
+        if progress is None:
+            return None
 
+        def callback(fraction: float, message: str) -> None:
+            progress(fraction, desc=message)
+
+        return callback
+
+    @staticmethod
+    def call_service(function, *args, **kwargs):
+        """Call the service; its refusals become ``gr.Error`` with their message."""
         try:
-            return self.service.inspect(
-                chosen,
-                paths,
-                query,
-                class_name=(object_name or "object").strip() or "object",
-                options=overrides,
-                progress=callback,
-                timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
-            )
+            return function(*args, **kwargs)
         except gr.Error:
             raise
         except (DetectorError, ValueError) as error:
@@ -533,14 +670,154 @@ class InspectionApp:
         ``report`` is the session's last report; after a click on a cached example it is
         empty and the shown ``summary`` names the example instead."""
         example = summary.get("example") if isinstance(summary, dict) else None
-        if not isinstance(report, InspectionReport) and example is not None:
-            report = self.example_report(example)
-        if not isinstance(report, InspectionReport):
+        report = self.session_report(report, summary)
+        if report is None:
             return tuple(gr.skip() for _ in range(self.num_render_outputs))
         outputs = self.render(report, threshold, alpha, colormap)
         if example is not None and report is self.example_report(example):
             outputs[0]["example"] = example
         return outputs
+
+    def session_report(self, report: Any, summary: Any) -> InspectionReport | None:
+        """The report on screen: the session's last one, or a cached example's."""
+        example = summary.get("example") if isinstance(summary, dict) else None
+        if not isinstance(report, InspectionReport) and example is not None:
+            report = self.example_report(example)
+        return report if isinstance(report, InspectionReport) else None
+
+    # -- inspection views -------------------------------------------------------------------
+    def explain(self, method: str, report: Any, summary: Any, event: gr.SelectData) -> tuple:
+        """A click at pixel ``event.index = [x, y]`` of ``method``'s anomaly map: the patch's
+        value and its nearest normal patch (FAPrompt: its prompt similarities), from the
+        cached features of the fitted detector (nothing is encoded again)."""
+        report = self.session_report(report, summary)
+        if report is None:
+            raise gr.Error("Run an inspection first, then click on a method's anomaly map.")
+        outcome = report.outcome(method)
+        if outcome is None or outcome.detector is None:
+            raise gr.Error(f"{display_name(method)} has no result for this query: run it first.")
+        try:
+            x, y = (int(v) for v in event.index[:2])
+            view = explanation_view(
+                outcome.detector,
+                outcome.result,
+                report.query.rgb,
+                [normal.rgb for normal in report.normals],
+                x,
+                y,
+                calibration=outcome.calibration,
+            )
+        except (TypeError, ValueError, IndexError) as error:
+            raise gr.Error(f"Cannot explain that point: {error}") from None
+        return explanation_markdown(view), view.query_image, view.normal_image
+
+    def agreement_view(self, report: Any, summary: Any, threshold: float) -> tuple:
+        """Where the methods' calibrated maps agree at ``threshold``, and a one-line summary."""
+        report = self.session_report(report, summary)
+        if report is None or not report.outcomes:
+            return None, ""
+        view = agreement(
+            {o.display_name: o.calibrated_map() for o in report.outcomes}, float(threshold), base_image=report.query.rgb
+        )
+        return view.image, f"**Agreement** (yellow = one method … red = all): {view.summary}."
+
+    def report_file(self, report: Any, summary: Any, threshold: float, alpha: float, colormap: str) -> str:
+        """A PNG slide of the query on screen: normals, overlays, scores, thresholds, weights."""
+        report = self.session_report(report, summary)
+        if report is None or not report.outcomes:
+            raise gr.Error("Run an inspection first, then download its report.")
+        threshold = float(threshold)
+        panels = [
+            panel_from_summary(o.summary(threshold), maps.overlay(report.query.rgb, o.calibrated_map(), float(alpha), colormap))
+            for o in report.outcomes
+        ]
+        name = Path(report.query.name or "query").stem or "query"
+        subtitle = f"{name} · {report.num_normals} normal image(s) · calibrated threshold {threshold:.2f}"
+        path = self.downloads.new_path(f"report_{safe_name(name)}.png")
+        save_report(path, report.query.rgb, [n.rgb for n in report.normals], panels, subtitle=subtitle)
+        return str(path)
+
+    # -- batch mode ---------------------------------------------------------------------------
+    @staticmethod
+    def batch_paths(files: Any) -> list[str]:
+        """Paths from a multi-file ``gr.File`` value."""
+        paths = []
+        for item in files or []:
+            path = item.get("path") if isinstance(item, dict) else item
+            if path:
+                paths.append(str(path))
+        return paths
+
+    def run_batch(
+        self,
+        files: Any,
+        normals: Any,
+        methods: Sequence[str] | None,
+        object_name: str | None = "object",
+        threshold: float = 0.5,
+        alpha: float = 0.5,
+        colormap: str = "jet",
+        anople_preset: str | None = None,
+        sigma: float | None = None,
+        anople_steps: float | None = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple:
+        """Score every uploaded query against the normals with the ticked methods."""
+        paths = self.batch_paths(files)
+        if not paths:
+            raise gr.Error("Upload the query images of the batch first.")
+        if len(paths) > limits.MAX_BATCH_QUERIES:
+            raise gr.Error(
+                f"{len(paths)} query images uploaded, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch: "
+                f"remove {len(paths) - limits.MAX_BATCH_QUERIES} of them."
+            )
+        request = self.checked_request(normals, methods, alpha, colormap, anople_preset, sigma, anople_steps)
+        if request is None:
+            return (gr.skip(),) * 5
+        chosen, normal_paths, overrides = request
+        named: dict[str, str] = {}
+        for path in paths:
+            name, number = Path(path).name, 1
+            while name in named:
+                number += 1
+                name = f"{Path(path).stem} ({number}){Path(path).suffix}"
+            named[name] = path
+        result = self.call_service(
+            self.service.batch,
+            chosen,
+            normal_paths,
+            list(named.items()),
+            class_name=object_word(object_name),
+            options=overrides,
+            threshold=float(threshold),
+            alpha=float(alpha),
+            colormap=colormap,
+            progress=self.progress_callback(progress),
+        )
+        session = BatchSession(result, named)
+        archive = self.downloads.new_path("overlays.zip")
+        archive.write_bytes(overlays_zip(result.overlays))
+        return (*self.render_batch(session, threshold), str(archive), session)
+
+    def render_batch(self, session: Any, threshold: float) -> tuple:
+        """``(flagged counts, ranked table, CSV file)`` at ``threshold``; no model runs."""
+        if not isinstance(session, BatchSession):
+            return gr.skip(), gr.skip(), gr.skip()
+        rows = batch_rows_at(session.result.rows, threshold)
+        table = self.downloads.new_path("batch.csv")
+        table.write_text(batch_csv(rows), encoding="utf-8")
+        return flagged_markdown(rows, threshold, session.result.errors), batch_table(rows), str(table)
+
+    def open_batch_row(self, session: Any, event: gr.SelectData) -> tuple:
+        """A click on a batch row: that image becomes the query of the single view."""
+        if not isinstance(session, BatchSession):
+            raise gr.Error("Run a batch first.")
+        row = event.row_value if event.row_value is not None else []
+        name = row[BATCH_HEADERS.index("image")] if len(row) > BATCH_HEADERS.index("image") else None
+        path = session.paths.get(str(name))
+        if path is None:
+            raise gr.Error(f"No uploaded image is called {name!r}.")
+        return path, gr.Tabs(selected="single")
 
     @property
     def num_render_outputs(self) -> int:
@@ -584,6 +861,15 @@ def example_rows(methods: Sequence[str]) -> tuple[list[list[Any]], list[str]]:
 # -----------------------------------------------------------------------------------------
 # Layout
 # -----------------------------------------------------------------------------------------
+def explain_handler(handlers: InspectionApp, method: str):
+    """The click handler of ``method``'s anomaly map (Gradio passes the click as ``SelectData``)."""
+
+    def explain(report: Any, summary: Any, event: gr.SelectData) -> tuple:
+        return handlers.explain(method, report, summary, event)
+
+    return explain
+
+
 def build_demo(config: AppConfig | None = None, service: InspectionService | None = None) -> gr.Blocks:
     """The whole UI; nothing is loaded until the first request. ``demo.inspection_app``
     holds the handlers (and ``.service``) for tests."""
@@ -655,43 +941,93 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                     )
 
         colorbar = gr.HTML(colorbar_html("jet"), elem_id="colorbar")
-        columns, per_method_outputs, raw_images = [], [], []
-        with gr.Row(equal_height=False):
-            for method in methods:
-                with gr.Column(elem_classes=["method-col"], elem_id=f"col-{method}", min_width=260) as column:
-                    header = gr.Markdown(f"### {display_name(method)}", elem_id=f"verdict-{method}", elem_classes=["verdict"])
-                    overlay_img = gr.Image(
-                        format="png", interactive=False, height=260, label=f"{display_name(method)} · anomaly map (calibrated)",
-                        elem_id=f"overlay-{method}", buttons=["download", "fullscreen"],
-                    )
-                    contour_img = gr.Image(
-                        format="png", interactive=False, height=260, label=f"{display_name(method)} · region ≥ threshold",
-                        elem_id=f"contour-{method}", buttons=["download", "fullscreen"],
-                    )
-                    raw_img = gr.Image(
-                        format="png", interactive=False, height=200, visible=False,
-                        label=f"{display_name(method)} · raw patch grid (own range, not calibrated)",
-                        elem_id=f"raw-{method}",
-                    )
-                    info = gr.Markdown(weights_markdown(method, None), elem_id=f"weights-{method}", elem_classes=["small-text"])
-                columns.append(column)
-                raw_images.append(raw_img)
-                per_method_outputs += [header, overlay_img, contour_img, raw_img, info]
+        with gr.Tabs(selected="single", elem_id="views") as views:
+            with gr.Tab("Single query", id="single"):
+                columns, per_method_outputs, raw_images, overlay_images = [], [], [], []
+                with gr.Row(equal_height=False):
+                    for method in methods:
+                        with gr.Column(elem_classes=["method-col"], elem_id=f"col-{method}", min_width=260) as column:
+                            header = gr.Markdown(f"### {display_name(method)}", elem_id=f"verdict-{method}", elem_classes=["verdict"])
+                            overlay_img = gr.Image(
+                                format="png", interactive=False, height=260, label=f"{display_name(method)} · anomaly map (calibrated)",
+                                elem_id=f"overlay-{method}", buttons=["download", "fullscreen"],
+                            )
+                            contour_img = gr.Image(
+                                format="png", interactive=False, height=260, label=f"{display_name(method)} · region ≥ threshold",
+                                elem_id=f"contour-{method}", buttons=["download", "fullscreen"],
+                            )
+                            raw_img = gr.Image(
+                                format="png", interactive=False, height=200, visible=False,
+                                label=f"{display_name(method)} · raw patch grid (own range, not calibrated)",
+                                elem_id=f"raw-{method}",
+                            )
+                            info = gr.Markdown(weights_markdown(method, None), elem_id=f"weights-{method}", elem_classes=["small-text"])
+                        columns.append(column)
+                        raw_images.append(raw_img)
+                        overlay_images.append(overlay_img)
+                        per_method_outputs += [header, overlay_img, contour_img, raw_img, info]
 
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2):
-                strip = gr.Image(format="png", interactive=False, height=300, label="All methods: contours on the query", elem_id="comparison")
-                legend = gr.Markdown("", elem_id="legend")
-            with gr.Column(scale=5):
-                table = gr.Dataframe(
-                    headers=TABLE_HEADERS, datatype=["str", "number", "number", "number", "str", "number", "str", "str"],
-                    interactive=False, column_count=len(TABLE_HEADERS), label="Summary", elem_id="scores",
-                    buttons=["copy"], wrap=True,
-                    column_widths=["10%", "8%", "9%", "9%", "10%", "7%", "29%", "18%"],
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2):
+                        strip = gr.Image(format="png", interactive=False, height=300, label="All methods: contours on the query", elem_id="comparison")
+                        legend = gr.Markdown("", elem_id="legend")
+                    with gr.Column(scale=5):
+                        table = gr.Dataframe(
+                            headers=TABLE_HEADERS, datatype=["str", "number", "number", "number", "str", "number", "str", "str"],
+                            interactive=False, column_count=len(TABLE_HEADERS), label="Summary", elem_id="scores",
+                            buttons=["copy"], wrap=True,
+                            column_widths=["10%", "8%", "9%", "9%", "10%", "7%", "29%", "18%"],
+                        )
+                        notes = gr.Markdown("", elem_id="notes")
+                        with gr.Accordion("JSON summary", open=False):
+                            summary = gr.JSON(label="summary", elem_id="summary")
+
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        agreement_image = gr.Image(
+                            format="png", interactive=False, height=260, label="Where the methods agree",
+                            elem_id="agreement", buttons=["download", "fullscreen"],
+                        )
+                        agreement_text = gr.Markdown("", elem_id="agreement-summary")
+                    with gr.Column(scale=5):
+                        gr.Markdown(
+                            "### Why is a point anomalous?\nClick a point on a method's anomaly map: its patch, its value and "
+                            "the most similar patch among the normal images (FAPrompt: its similarity to each prompt)."
+                        )
+                        explanation_text = gr.Markdown("", elem_id="explanation")
+                        with gr.Row():
+                            explanation_query = gr.Image(
+                                format="png", interactive=False, height=220, label="Query · clicked patch", elem_id="explain-query"
+                            )
+                            explanation_normal = gr.Image(
+                                format="png", interactive=False, height=220, label="Nearest normal patch", elem_id="explain-normal"
+                            )
+                    with gr.Column(scale=2):
+                        report_button = gr.Button("Make report (PNG)", elem_id="make-report")
+                        report_download = gr.File(label="Report: query, normals, overlays, scores, weights",
+                                                  interactive=False, elem_id="report-file")
+            with gr.Tab("Batch", id="batch"):
+                gr.Markdown(
+                    "Upload many query images: each is scored against the normal images above with the ticked methods "
+                    "(the models are fitted once). Click a row to open that image in the single-query view."
                 )
-                notes = gr.Markdown("", elem_id="notes")
-                with gr.Accordion("JSON summary", open=False):
-                    summary = gr.JSON(label="summary", elem_id="summary")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        batch_files = gr.File(
+                            file_count="multiple", file_types=["image"], type="filepath", height=160,
+                            label=f"Query images (up to {limits.MAX_BATCH_QUERIES})", elem_id="batch-files",
+                        )
+                        batch_button = gr.Button("Run batch", variant="primary", elem_id="run-batch")
+                    with gr.Column(scale=2):
+                        batch_flagged = gr.Markdown("", elem_id="batch-flagged")
+                        batch_csv_file = gr.File(label="Table (CSV)", interactive=False, elem_id="batch-csv")
+                        batch_zip_file = gr.File(label="Overlays (ZIP)", interactive=False, elem_id="batch-zip")
+                batch_grid = gr.Dataframe(
+                    headers=BATCH_HEADERS, datatype=["number", "markdown", "str", "str", "number", "number", "str"],
+                    interactive=False, column_count=len(BATCH_HEADERS), elem_id="batch-table", wrap=True,
+                    label="Ranked per method (highest calibrated score first)",
+                )
+
         with gr.Accordion("About the methods and weights", open=False):
             gr.Markdown(ABOUT_TEXT)
 
@@ -725,7 +1061,44 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         )
         method_choice.change(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
         normals.change(handlers.shots_text, inputs=[normals], outputs=[shots], api_visibility="private", queue=False)
-        clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::5]])
+        clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::5],
+                   agreement_image, explanation_query, explanation_normal, report_download])
+
+        # Inspection views: all from the session's report, no model runs.
+        summary.change(
+            handlers.agreement_view, inputs=[state, summary, threshold], outputs=[agreement_image, agreement_text],
+            api_visibility="private", show_progress="hidden",
+        )
+        explanation_outputs = [explanation_text, explanation_query, explanation_normal]
+        run.click(lambda: ("", None, None), outputs=explanation_outputs, api_visibility="private", queue=False)
+        for method, overlay_img in zip(methods, overlay_images):
+            overlay_img.select(
+                explain_handler(handlers, method), inputs=[state, summary], outputs=explanation_outputs,
+                api_visibility="private", show_progress="minimal",
+            )
+        report_button.click(
+            handlers.report_file, inputs=[state, summary, threshold, alpha, colormap], outputs=[report_download],
+            api_visibility="private",
+        )
+
+        # Batch mode.
+        batch_state = gr.State(None)
+        batch_button.click(
+            handlers.run_batch,
+            inputs=[batch_files, normals, method_choice, object_name, threshold, *advanced_inputs],
+            outputs=[batch_flagged, batch_grid, batch_csv_file, batch_zip_file, batch_state],
+            api_visibility="private",
+            time_limit=limits.REQUEST_TIMEOUT_SECONDS,
+        )
+        threshold.change(
+            handlers.render_batch, inputs=[batch_state, threshold], outputs=[batch_flagged, batch_grid, batch_csv_file],
+            api_visibility="private", show_progress="hidden",
+        )
+        batch_grid.select(
+            handlers.open_batch_row, inputs=[batch_state], outputs=[query, views], api_visibility="private"
+        ).success(
+            handlers.detect, inputs=main_inputs + advanced_inputs, outputs=render_outputs + [state], api_visibility="private",
+        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
 
         if config.examples:
             rows, labels = example_rows(methods)

@@ -370,6 +370,12 @@ def thumbnail(image_rgb: Any, size: int = 96) -> np.ndarray:
     return cv2.resize(image, new, interpolation=cv2.INTER_AREA)
 
 
+def check_batch_size(count: int) -> None:
+    """Raise ``ValueError`` for more than ``limits.MAX_BATCH_QUERIES`` query images (or none)."""
+    if count > limits.MAX_BATCH_QUERIES:
+        raise ValueError(f"{count} query images given, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch")
+
+
 def _unpack(entry: Any) -> tuple[Detector, Calibration]:
     if isinstance(entry, tuple):
         return entry[0], entry[1]
@@ -406,10 +412,7 @@ def run_batch(
     """
     if not detectors:
         raise ValueError("choose at least one method")
-    if len(queries) > limits.MAX_BATCH_QUERIES:
-        raise ValueError(
-            f"{len(queries)} query images given, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch"
-        )
+    check_batch_size(len(queries))
     entries = {name: _unpack(entry) for name, entry in detectors.items()}
     rows: list[BatchRow] = []
     overlays: list[tuple[str, str, np.ndarray]] = []

@@ -31,6 +31,7 @@ import numpy as np
 from . import limits
 from .api import Calibration, DetectionResult, Detector, DetectorError, WeightsUnavailableError, check_normal_count
 from .images import LoadedImage, fingerprint, load_image
+from .inspection import BatchResult, check_batch_size, run_batch
 from .registry import create_detector, get_method, list_methods
 
 LOG = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class MethodOutcome:
     warnings: tuple[str, ...] = ()
     weights_fallback: str | None = None
     reused_fit: bool = False
+    #: The fitted detector that produced ``result`` (for explanations from its cached
+    #: features); not part of equality.
+    detector: Detector | None = field(default=None, compare=False, repr=False)
 
     @property
     def calibrated_score(self) -> float:
@@ -175,6 +179,13 @@ class InspectionReport:
     query: LoadedImage
     num_normals: int
     normals_fingerprint: str
+    #: The normal images in fit order (what an explanation's nearest patch refers to).
+    normals: tuple[LoadedImage, ...] = field(default=(), compare=False, repr=False)
+
+    def outcome(self, method: str) -> MethodOutcome | None:
+        """The outcome of ``method`` (any case), or ``None`` when it was not run."""
+        name = get_method(method).name
+        return next((o for o in self.outcomes if o.method == name), None)
 
     def summary(self, threshold: float) -> dict[str, Any]:
         height, width = self.query.size
@@ -368,6 +379,70 @@ class InspectionService:
             return entry, False
 
     # -- one query, several methods --------------------------------------------------------
+    @staticmethod
+    def _methods_and_normals(methods: Sequence[str], normals: Sequence[Any] | None) -> tuple[list[str], list[LoadedImage]]:
+        """Registered names of ``methods`` (deduplicated, in order) and the loaded normals,
+        after checking that every method accepts that many normal images."""
+        names: list[str] = []
+        for method in methods:
+            name = get_method(method).name
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
+        loaded_normals = [load_image(image) for image in (normals or [])]
+        if len(loaded_normals) > limits.MAX_NORMAL_IMAGES:
+            raise ValueError(
+                f"{len(loaded_normals)} normal images given, at most {limits.MAX_NORMAL_IMAGES} are accepted"
+            )
+        for name in names:
+            cls = get_method(name)
+            check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
+        return names, loaded_normals
+
+    def batch(
+        self,
+        methods: Sequence[str],
+        normals: Sequence[Any],
+        queries: Sequence[tuple[str, Any]],
+        *,
+        class_name: str = "object",
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        threshold: float = 0.5,
+        alpha: float = 0.5,
+        colormap: str = "jet",
+        progress: ProgressCallback | None = None,
+    ) -> BatchResult:
+        """Many queries against one normal set: each method is fitted once (or taken from the
+        cache), then ``inspection.run_batch`` scores every query.
+
+        ``queries`` are ``(name, image)`` pairs. Raises ``ValueError`` for more than
+        ``limits.MAX_BATCH_QUERIES`` queries before any fitting, and as ``inspect`` does for
+        methods and normal images.
+        """
+        check_batch_size(len(queries))
+        names, loaded_normals = self._methods_and_normals(methods, normals)
+        digest = fingerprint(loaded_normals)
+        fitted: dict[str, FittedDetector] = {}
+        fit_share = 0.3 / len(names)
+        for index, name in enumerate(names):
+            cls = get_method(name)
+            fitted[name], _ = self.fitted(
+                name,
+                loaded_normals,
+                options=self.options_for(name, class_name, (options or {}).get(name)),
+                normals_fingerprint=digest,
+                progress=_scaled(progress, index * fit_share, (index + 1) * fit_share, cls.display_name),
+            )
+        return run_batch(
+            fitted,
+            queries,
+            threshold=threshold,
+            alpha=alpha,
+            colormap=colormap,
+            progress=_scaled(progress, 0.3, 1.0, "scoring"),
+        )
+
     def inspect(
         self,
         methods: Sequence[str],
@@ -396,23 +471,9 @@ class InspectionService:
             ValueError: no method, an unknown method, or a normal count a method refuses.
             InvalidImageError: a normal or query image that cannot be used.
         """
-        names: list[str] = []
-        for method in methods:
-            name = get_method(method).name
-            if name not in names:
-                names.append(name)
-        if not names:
-            raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
         if query is None:
             raise ValueError("no query image given")
-        loaded_normals = [load_image(image) for image in (normals or [])]
-        if len(loaded_normals) > limits.MAX_NORMAL_IMAGES:
-            raise ValueError(
-                f"{len(loaded_normals)} normal images given, at most {limits.MAX_NORMAL_IMAGES} are accepted"
-            )
-        for name in names:
-            cls = get_method(name)
-            check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
+        names, loaded_normals = self._methods_and_normals(methods, normals)
         loaded_query = load_image(query)
         digest = fingerprint(loaded_normals)
         deadline = _Deadline(timeout)
@@ -454,6 +515,7 @@ class InspectionService:
                     warnings=tuple(dict.fromkeys(warnings)),
                     weights_fallback=entry.weights_fallback,
                     reused_fit=reused,
+                    detector=entry.detector,
                 )
             )
         if progress is not None:
@@ -463,6 +525,7 @@ class InspectionService:
             query=loaded_query,
             num_normals=len(loaded_normals),
             normals_fingerprint=digest,
+            normals=tuple(loaded_normals),
         )
 
     # -- start-up facts ----------------------------------------------------------------------

@@ -47,3 +47,30 @@ def tiny_backbone():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+class CountingFactory:
+    """``create_detector`` that counts builds, fits and predictions."""
+
+    def __init__(self):
+        self.built = 0
+        self.fits = 0
+        self.predicts = 0
+
+    def __call__(self, name, **kwargs):
+        from detector import create_detector
+
+        detector = create_detector(name, **kwargs)
+        self.built += 1
+        fit, predict = detector.fit, detector.predict
+
+        def counted_fit(*args, **kw):
+            self.fits += 1
+            return fit(*args, **kw)
+
+        def counted_predict(*args, **kw):
+            self.predicts += 1
+            return predict(*args, **kw)
+
+        detector.fit, detector.predict = counted_fit, counted_predict
+        return detector

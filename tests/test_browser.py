@@ -117,6 +117,19 @@ def test_upload_run_all_methods_and_screenshot(server):
                 assert name in text
             page.screenshot(path=str(ARTIFACTS / "app_results.png"), full_page=True)
 
+            # The methods' agreement, and a click on a heatmap explains the patch under it.
+            expect(page.locator("#agreement-summary")).to_contain_text("3 methods", timeout=30_000)
+            heatmap = page.locator("#overlay-inctrl img")
+            heatmap.click()
+            expect(page.locator("#explanation")).to_contain_text("nearest normal patch", timeout=60_000)
+            expect(page.locator("#explain-normal img")).to_be_visible(timeout=30_000)
+            page.locator("#overlay-faprompt img").click()
+            expect(page.locator("#explanation")).to_contain_text("abnormality prompt", timeout=60_000)
+            page.locator("#make-report").click()
+            expect(page.locator("#report-file")).to_contain_text("report_", timeout=60_000)
+            page.locator("#explanation").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "app_explain.png"), full_page=True)
+
             # Threshold to 0: every method says anomalous, redrawn from the cached results.
             slider = page.locator("#threshold input[type=number]")
             slider.fill("0")
@@ -155,3 +168,46 @@ def test_example_click_runs_and_is_cached(server):
             page.screenshot(path=str(ARTIFACTS / "app_example.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_batch_upload_ranks_and_opens_a_row(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    normals = sorted(str(p) for p in EXAMPLE.glob("normal_*.png"))
+    queries = sorted(str(p) for p in EXAMPLE.glob("query_*.png"))
+    assert len(queries) >= 2
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(server, wait_until="load", timeout=90_000)
+            expect(page.get_by_role("button", name="Run", exact=True)).to_be_visible(timeout=60_000)
+            page.locator("#normals input[type=file]").set_input_files(normals)
+            expect(page.locator("#shots")).to_contain_text("3-shot", timeout=30_000)
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files(queries)
+            run_batch = page.locator("#run-batch")
+            expect(run_batch).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1000)  # uploads finish
+            run_batch.click()
+            table = page.locator("#batch-table")
+            expect(page.locator("#batch-flagged")).to_contain_text("flagged", timeout=240_000)
+            for name in ("InCTRL", "AnoPLe", "FAPrompt", Path(queries[0]).name):
+                expect(table).to_contain_text(name, timeout=30_000)
+            expect(page.locator("#batch-csv")).to_contain_text(".csv", timeout=30_000)
+            expect(page.locator("#batch-zip")).to_contain_text(".zip", timeout=30_000)
+            page.locator("#batch-table").scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "app_batch.png"), full_page=True)
+            expect(table.locator("img:visible").first).to_be_visible(timeout=30_000)  # thumbnails
+
+            # A click on a row opens that image in the single-query view.
+            table.get_by_role("gridcell").filter(has_text=Path(queries[-1]).name).first.click()
+            expect(page.get_by_role("tab", name="Single query")).to_have_attribute("aria-selected", "true", timeout=30_000)
+            expect(page.locator("#query img")).to_be_visible(timeout=30_000)
+            expect(page.locator("#overlay-inctrl img")).to_be_visible(timeout=240_000)
+            expect(page.locator("#scores")).to_contain_text("FAPrompt", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "app_batch_row_opened.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "app_batch.png").stat().st_size > 10_000

@@ -187,3 +187,35 @@ def test_real_tiny_methods_calibrated_and_summarised():
         assert calibrated.min() >= 0 and calibrated.max() <= 1
     assert report.outcomes[0].description["class_name"] == "fabric"
     assert report.summary(0.3)["methods"]["inctrl"]["threshold_calibrated"] == 0.3
+
+
+def test_report_keeps_the_normals_and_each_outcomes_detector():
+    calls: dict = {}
+    service = InspectionService(ServiceConfig(), factory=counting_factory(calls))
+    normals = [flat(100), flat(120)]
+    report = service.inspect(["inctrl"], normals, flat(200))
+    assert [n.rgb.mean() for n in report.normals] == [100, 120]
+    outcome = report.outcome("InCTRL")
+    assert outcome is report.outcomes[0] and report.outcome("faprompt") is None
+    assert outcome.detector is service.fitted("inctrl", normals)[0].detector
+
+
+def test_batch_fits_each_method_once_and_ranks_the_queries():
+    calls: dict = {}
+    service = InspectionService(ServiceConfig(), factory=counting_factory(calls))
+    normals = [flat(100), flat(100)]
+    queries = [("far.png", flat(250)), ("near.png", flat(110)), ("mid.png", flat(180))]
+    messages = []
+    result = service.batch(["inctrl", "anople"], normals, queries, progress=lambda f, m: messages.append(f))
+    assert calls["fit"] == 2 and calls["predict"] == 2 * 3  # one per query and method
+    for method in ("inctrl", "anople"):
+        assert [r.image for r in result.rows if r.method == method] == ["far.png", "mid.png", "near.png"]
+    assert messages == sorted(messages) and messages[-1] == pytest.approx(1.0)
+    service.batch(["inctrl"], normals, queries[:1])
+    assert calls["fit"] == 2  # reused from the cache
+    from detector import limits
+
+    too_many = [("q.png", flat(1))] * (limits.MAX_BATCH_QUERIES + 1)
+    with pytest.raises(ValueError, match="accepted in one batch"):
+        service.batch(["inctrl"], [flat(5)], too_many)
+    assert calls["fit"] == 2  # refused before any fitting
