@@ -10,6 +10,11 @@ Weights are resolved in one place (api.md, "Weights resolution order"):
   ``.safetensors``, any extension; OpenAI TorchScript archives included);
 * ``"hf-hub:<org>/<repo>/<file>"``: a file through the Hugging Face cache.
 
+The temperature ``logit_scale`` starts at ``ln 100``, the value every released CLIP
+checkpoint holds (training clamps it there), instead of open_clip's ``ln(1/0.07)`` for a
+fresh model: a random backbone, or a weights file without ``logit_scale``, then scores at
+the temperature a method meets with real weights. No other parameter depends on it.
+
 Built backbones are cached per process (keyed by name, weights, size, device and
 precision) and shared read-only: every parameter has ``requires_grad=False`` and the
 model is in eval mode. Methods never modify a shared backbone.
@@ -34,6 +39,8 @@ from .checkpoints import OPENAI_META_KEYS, check_keys, read_state_dict
 
 TINY_TEST = "tiny-test"
 _CONFIG_DIR = Path(__file__).parent / "configs"
+TRAINED_LOGIT_SCALE = math.log(100.0)
+"""``logit_scale`` of every released CLIP checkpoint: tau = exp(logit_scale) = 100."""
 
 
 def register_model_configs() -> None:
@@ -283,7 +290,13 @@ def _build_cached(spec: BackboneSpec, _identity: tuple) -> Backbone:
     is_random = weights.lower() == "random"
     # Resolve the weights before building, so a missing file fails fast.
     state = None if is_random else read_state_dict(_weights_file(model_name, weights))
-    create_kwargs = dict(precision="fp32", device="cpu", force_quick_gelu=spec.quick_gelu, pretrained_text=False)
+    create_kwargs = dict(
+        precision="fp32",
+        device="cpu",
+        force_quick_gelu=spec.quick_gelu,
+        pretrained_text=False,
+        init_logit_scale=TRAINED_LOGIT_SCALE,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.create_model(model_name, pretrained=None, **create_kwargs)

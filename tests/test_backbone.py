@@ -47,6 +47,20 @@ def test_backbones_are_cached_and_random_init_is_reproducible():
     assert all(torch.equal(state[k], v) for k, v in b.model.state_dict().items())
 
 
+def test_temperature_starts_where_released_checkpoints_hold_it(tmp_path):
+    """A random build and a weights file without ``logit_scale`` score at tau = 100; a file
+    with its own ``logit_scale`` keeps it."""
+    random = load_backbone("tiny-test", "random")
+    assert random.model.logit_scale.exp().item() == pytest.approx(100.0)
+    state = dict(random.model.state_dict())
+    state.pop("logit_scale")
+    without = load_backbone("tiny-test", str(save_safetensors(tmp_path / "no-scale.safetensors", state, {})))
+    assert without.model.logit_scale.exp().item() == pytest.approx(100.0)
+    state["logit_scale"] = torch.tensor(2.0)
+    own = load_backbone("tiny-test", str(save_safetensors(tmp_path / "own-scale.safetensors", state, {})))
+    assert own.model.logit_scale.item() == pytest.approx(2.0)
+
+
 def test_intermediate_tokens_shapes(tiny_backbone):
     images = torch.randn(2, 3, 64, 64)
     out = tiny_backbone.intermediate_tokens(images, [3, 4, 5])

@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from detector import CheckpointError, create_detector, list_methods
 from detector.checkpoints import read_state_dict, save_safetensors
+from detector.images import load_image, preprocess
 from detector.methods.anople.fitting import NormalImage, fit_anople, pool_decoder_probabilities
 from detector.methods.anople.model import FUSION_EPS
 from detector.synthetic import texture
@@ -103,14 +104,11 @@ def pixel_auroc(module, pool) -> float:
     return roc_auc_score(targets, probabilities[pixel].reshape(-1).numpy())
 
 
-@pytest.fixture(scope="module")
-def sixty_step_fit(normals):
-    """A 60-step fast-preset fit on two synthetic textures, with its encoded pool."""
-    from detector.images import load_image, preprocess
-
-    det = make(steps=60)
-    images = [load_image(n) for n in normals[:2]]
-    items = [NormalImage(img.rgb, preprocess(img, det.preprocess_spec)[0]) for img in images]
+def sixty_step_fit_on(backbone: str, images: list[np.ndarray]):
+    """A 60-step fast-preset fit of a random ``backbone`` on ``images``, with its encoded pool."""
+    det = make(backbone=backbone, backbone_weights="random", steps=60)
+    loaded = [load_image(image) for image in images]
+    items = [NormalImage(img.rgb, preprocess(img, det.preprocess_spec)[0]) for img in loaded]
     module = det._new_module()
     report = fit_anople(
         module,
@@ -126,6 +124,19 @@ def sixty_step_fit(normals):
     return module, untrained, report
 
 
+def assert_loss_drops_by_a_fifth(report) -> None:
+    log = np.array(report.log)
+    assert log.shape == (60, 5) and np.isfinite(log).all()
+    first, last = log[:10, 1].mean(), log[-10:, 1].mean()
+    assert last <= 0.8 * first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def sixty_step_fit(normals):
+    """A 60-step fast-preset fit on two synthetic textures (tiny-test)."""
+    return sixty_step_fit_on("tiny-test", normals[:2])
+
+
 def test_t8_fit_learns_to_separate_pseudo_anomalies(sixty_step_fit):
     module, untrained, report = sixty_step_fit
     log = np.array(report.log)
@@ -136,18 +147,14 @@ def test_t8_fit_learns_to_separate_pseudo_anomalies(sixty_step_fit):
     assert after > before, (before, after)
 
 
-@pytest.mark.xfail(
-    reason="with random CLIP weights the total loss reaches its floor within a few steps (global and "
-    "alignment terms stay near chance) and the latent anomalies are learned too slowly for a 20% drop "
-    "between steps 1-10 and 51-60: measured last/first ratio 0.81-1.02 on tiny-test (seeds 0-2) and "
-    "1.02 on ViT-B-16 at random init; reported, assertion kept as specified",
-    strict=True,
-)
 def test_t8_loss_drops_by_a_fifth(sixty_step_fit):
-    _, _, report = sixty_step_fit
-    log = np.array(report.log)
-    first, last = log[:10, 1].mean(), log[-10:, 1].mean()
-    assert last <= 0.8 * first, (first, last)
+    assert_loss_drops_by_a_fifth(sixty_step_fit[2])
+
+
+@pytest.mark.slow
+def test_t8_loss_drops_by_a_fifth_vit_b16():
+    _, _, report = sixty_step_fit_on("ViT-B-16", textures(2, size=224))
+    assert_loss_drops_by_a_fifth(report)
 
 
 # ----------------------------------------------------------------------------- T11
@@ -214,7 +221,8 @@ def test_scoring_options(fitted, normals):
             np.testing.assert_array_equal(result.raw_map, full.extras["memory_map"])
             assert result.score == pytest.approx(full.extras["memory_max"], rel=1e-6)
     tta = make(steps=4, multiview_tta=True).fit(normals[:2]).predict(query)
-    assert not np.allclose(tta.extras["decoder_map"], full.extras["decoder_map"])
+    # the local views change the decoder map (compared relatively: the values can be tiny)
+    assert not np.allclose(tta.extras["decoder_map"], full.extras["decoder_map"], rtol=1e-3, atol=0)
     np.testing.assert_array_equal(tta.extras["memory_map"], full.extras["memory_map"])
 
 
