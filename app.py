@@ -28,7 +28,7 @@ import gradio as gr
 import numpy as np
 
 from detector import limits, maps
-from detector.api import DetectorError
+from detector.errors import DetectorError
 from detector.inspection import (
     BatchResult,
     BatchRow,

@@ -1,6 +1,6 @@
 """Few-shot and zero-shot visual anomaly detection with CLIP: InCTRL, AnoPLe, FAPrompt.
 
-The public interface (``shared/specs/api.md``)::
+The public interface (README "Python API")::
 
     from detector import create_detector, list_methods, DetectionResult
     det = create_detector("inctrl", backbone="tiny-test")
@@ -8,27 +8,28 @@ The public interface (``shared/specs/api.md``)::
     result = det.predict(query_image)
 """
 
-from .api import (
-    Calibration,
-    CheckpointError,
-    DetectionResult,
-    Detector,
-    DetectorError,
-    InvalidImageError,
-    WeightsUnavailableError,
-)
-from .registry import create_detector, get_method, list_methods, method_options, register_method
+from .base import Detector
+from .calibration import Calibration
+from .errors import CheckpointError, DetectorError, InvalidImageError, WeightsUnavailableError
+from .registry import create_detector, get_method, get_spec, list_methods, method_options, register_method
+from .results import DetectionResult, Description, Explanation
+from .spec import MethodSpec, Option
 
 __all__ = [
     "Calibration",
     "CheckpointError",
     "DetectionResult",
+    "Description",
     "Detector",
     "DetectorError",
+    "Explanation",
     "InvalidImageError",
+    "MethodSpec",
+    "Option",
     "WeightsUnavailableError",
     "create_detector",
     "get_method",
+    "get_spec",
     "list_methods",
     "method_options",
     "register_method",

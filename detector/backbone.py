@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from . import limits
-from .api import CheckpointError, WeightsUnavailableError
 from .checkpoints import OPENAI_META_KEYS, check_keys, read_state_dict
+from .weights import TINY_TEST, is_random as is_random_weights, weights_file
 
-TINY_TEST = "tiny-test"
 _CONFIG_DIR = Path(__file__).parent / "configs"
 TRAINED_LOGIT_SCALE = math.log(100.0)
 """``logit_scale`` of every released CLIP checkpoint: tau = exp(logit_scale) = 100."""
@@ -237,43 +236,6 @@ def clear_backbone_cache() -> None:
     _build_cached.cache_clear()
 
 
-def hub_file(repo_id: str, filename: str) -> Path:
-    """A file from the Hugging Face cache, downloaded if the network allows.
-
-    Honours ``HF_HUB_OFFLINE``; raises ``WeightsUnavailableError`` with instructions when
-    the file is neither cached nor reachable.
-    """
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-    except Exception:
-        pass
-    if _offline():
-        raise WeightsUnavailableError(
-            f"{repo_id}/{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE is set. "
-            + _HOW_TO_PROVIDE
-        )
-    try:
-        return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
-    except Exception as error:
-        raise WeightsUnavailableError(
-            f"could not download {repo_id}/{filename} ({type(error).__name__}: {error}). " + _HOW_TO_PROVIDE
-        ) from error
-
-
-_HOW_TO_PROVIDE = (
-    "Provide the weights in one of these ways: run once with network access so the file lands in the "
-    "Hugging Face cache (HF_HOME), pass a local file with backbone_weights=PATH (--backbone-weights PATH), "
-    "or use backbone_weights='random' for a run whose scores mean nothing."
-)
-
-
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _file_identity(weights: str) -> tuple:
     """Part of the cache key that changes when a weights file changes on disk."""
     path = Path(weights).expanduser()
@@ -287,9 +249,9 @@ def _file_identity(weights: str) -> tuple:
 def _build_cached(spec: BackboneSpec, _identity: tuple) -> Backbone:
     model_name = spec.model_name
     weights = spec.weights
-    is_random = weights.lower() == "random"
+    is_random = is_random_weights(weights)
     # Resolve the weights before building, so a missing file fails fast.
-    state = None if is_random else read_state_dict(_weights_file(model_name, weights))
+    state = None if is_random else read_state_dict(weights_file(model_name, weights))
     create_kwargs = dict(
         precision="fp32",
         device="cpu",
@@ -319,39 +281,6 @@ def _build_cached(spec: BackboneSpec, _identity: tuple) -> Backbone:
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
     return Backbone(model=model, tokenizer=tokenizer, spec=spec, weights_description=description, is_random=is_random)
-
-
-def _weights_file(model_name: str, weights: str) -> Path:
-    """Local path of the weights named by a tag, a file path or ``hf-hub:``."""
-    if weights.startswith("hf-hub:"):
-        from .checkpoints import resolve_path
-
-        return resolve_path(weights)
-    path = Path(weights).expanduser()
-    if path.is_file():
-        return path
-    if any(sep in weights for sep in ("/", "\\")) or path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".pyth"}:
-        raise CheckpointError(f"backbone weights file not found: {path}")
-    config_name = model_name[: -len("-quickgelu")] if model_name.endswith("-quickgelu") else model_name
-    cfg = open_clip.get_pretrained_cfg(config_name, weights) or open_clip.get_pretrained_cfg(model_name, weights)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(config_name)
-        raise ValueError(
-            f"{weights!r} is neither a file nor a pretrained tag of {model_name}; known tags: {tags or 'none'}, or 'random'"
-        )
-    hub_id = cfg.get("hf_hub", "")
-    if not hub_id:
-        raise WeightsUnavailableError(f"{model_name}/{weights} has no Hugging Face source. " + _HOW_TO_PROVIDE)
-    repo_id, filename = os.path.split(hub_id.rstrip("/")) if not hub_id.endswith("/") else (hub_id.rstrip("/"), "")
-    if filename:
-        return hub_file(repo_id, filename)
-    errors = []
-    for candidate in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        try:
-            return hub_file(repo_id, candidate)
-        except WeightsUnavailableError as error:
-            errors.append(error)
-    raise errors[-1]
 
 
 def load_clip_state_dict(
@@ -418,23 +347,3 @@ def grid_side(num_patches: int) -> int:
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patches do not form a square grid")
     return side
-
-
-def resolve_weights(model_name: str, weights: str | None, *, default_model: str, default_weights: str) -> str:
-    """The weights to use when the caller left ``backbone_weights`` as ``None``.
-
-    The method's official tag for its official model; ``"random"`` for ``tiny-test``
-    (it has no pretrained weights); the official tag for another model if open_clip knows
-    that tag for it; otherwise a ``ValueError`` asking for explicit weights.
-    """
-    if weights is not None:
-        return str(weights)
-    if model_name == TINY_TEST:
-        return "random"
-    if model_name == default_model or open_clip.get_pretrained_cfg(model_name, default_weights):
-        return default_weights
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    raise ValueError(
-        f"no default weights for backbone {model_name!r}: pass backbone_weights "
-        f"(one of {tags or 'no known tags'}, a file path, or 'random')"
-    )

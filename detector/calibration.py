@@ -1,6 +1,6 @@
-"""Calibration: reference ranges and thresholds that put every method on one scale.
+"""Calibration records: reference ranges and thresholds that put every method on one scale.
 
-Sources, in order (api.md, "Calibration"):
+Sources, in order (``Detector.calibrate``, docs in README "Calibration"):
 
 1. ``stored``: a calibration record saved with the method's checkpoint;
 2. ``held-out normals``: extra normal images passed to ``calibrate(normals)``, scored as
@@ -14,21 +14,67 @@ From normal images alone the upper end of the anomalous range is unknown, so
 are the lowest normal values, and each threshold is the highest normal value plus
 ``MARGIN`` times the range (anomalib falls back to the highest normal score in the same
 situation; the margin keeps the normals themselves just below 0.5).
+
+A leaf module: it imports nothing from the package.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-from .api import Calibration
-
-if TYPE_CHECKING:
-    from .api import Detector
-
 #: Fraction of the method's range added above the highest normal value.
 MARGIN = 0.02
+
+
+def normalize(values: np.ndarray | np.floating, lower: float, upper: float, threshold: float) -> np.ndarray:
+    """anomalib's min-max-threshold normalisation: the threshold lands on 0.5.
+
+    ``clip((x - threshold) / (upper - lower) + 0.5, 0, 1)``; a zero range is treated as 1e-12.
+    """
+    span = max(float(upper) - float(lower), 1e-12)
+    out = (np.asarray(values, dtype=np.float32) - np.float32(threshold)) / np.float32(span) + np.float32(0.5)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Reference values that put a method's scores and maps on a common scale.
+
+    ``normalize_*`` follow anomalib: ``clip((x - threshold) / (max - min) + 0.5, 0, 1)``,
+    so 0.5 means "at the threshold" for every method.
+    """
+
+    image_min: float
+    image_max: float
+    image_threshold: float
+    pixel_min: float
+    pixel_max: float
+    pixel_threshold: float
+    source: str
+
+    def normalize_score(self, score: float) -> float:
+        """Calibrated image score in [0, 1]."""
+        return float(normalize(np.float32(score), self.image_min, self.image_max, self.image_threshold))
+
+    def normalize_map(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Calibrated map in [0, 1], float32, same shape."""
+        return normalize(anomaly_map, self.pixel_min, self.pixel_max, self.pixel_threshold)
+
+    def raw_image_threshold(self, calibrated_threshold: float) -> float:
+        """The method's own score that a calibrated threshold (0.5 = its own) corresponds to:
+        the inverse of ``normalize_score`` inside the clipped range."""
+        return float(self.image_threshold + (float(calibrated_threshold) - 0.5) * (self.image_max - self.image_min))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fixed_calibration(lower: float, upper: float, threshold: float, source: str = "default") -> Calibration:
+    """The same fixed range and threshold for scores and maps."""
+    return Calibration(lower, upper, threshold, lower, upper, threshold, source)
 
 
 def calibration_from_normals(
@@ -61,26 +107,3 @@ def calibration_from_normals(
         pixel_threshold=pixel_threshold,
         source=source,
     )
-
-
-def fixed_calibration(lower: float, upper: float, threshold: float, source: str = "default") -> Calibration:
-    """The same fixed range and threshold for scores and maps."""
-    return Calibration(lower, upper, threshold, lower, upper, threshold, source)
-
-
-def calibrate(detector: "Detector", normals: Sequence[Any] | None = None) -> Calibration:
-    """Choose and compute the calibration of a detector (see the module docstring)."""
-    stored = getattr(detector, "stored_calibration", None)
-    if stored is not None:
-        return stored
-    default: Calibration = detector.default_calibration()
-    if normals:
-        results = [detector.predict(image) for image in normals]
-        return calibration_from_normals(
-            [r.score for r in results], [r.anomaly_map for r in results], default, f"{len(results)} held-out normals"
-        )
-    leave_one_out = detector.leave_one_out() if detector.is_fitted else None
-    if leave_one_out:
-        scores, maps = zip(*leave_one_out)
-        return calibration_from_normals(scores, maps, default, f"leave-one-out over {len(scores)} normals")
-    return default

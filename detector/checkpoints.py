@@ -16,30 +16,13 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .api import CheckpointError
+from .errors import CheckpointError
+from .weights import resolve_path
 
 #: Keys that OpenAI's CLIP archives carry besides the weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 #: Containers in which training scripts nest their state dict.
 NESTING_KEYS = ("state_dict", "model_state", "model")
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A local file path, or a file fetched through the Hugging Face cache for
-    ``"hf-hub:<org>/<repo>/<file>"``."""
-    text = str(path)
-    if text.startswith("hf-hub:"):
-        from .backbone import hub_file
-
-        repo_and_file = text[len("hf-hub:"):]
-        repo_id, _, filename = repo_and_file.rpartition("/")
-        if not repo_id or "/" not in repo_id:
-            raise CheckpointError(f"expected 'hf-hub:<org>/<repo>/<file>', got {text!r}")
-        return hub_file(repo_id, filename)
-    file = Path(text).expanduser()
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint file not found: {file}")
-    return file
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -89,6 +72,21 @@ def read_state_dict(path: str | os.PathLike, *, nested: Iterable[str] = NESTING_
     except Exception as error:
         raise CheckpointError(f"cannot read weights from {file.name}: {error}") from error
     return flatten_state(state, nested=nested, name=file.name)
+
+
+def state_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a weight file without reading its tensors where the format
+    allows (safetensors); other files are memory mapped by ``read_state_dict``."""
+    file = resolve_path(path)
+    if _is_safetensors(file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                return list(handle.keys())
+        except Exception as error:
+            raise CheckpointError(f"cannot read weights from {file.name}: {error}") from error
+    return list(read_state_dict(file))
 
 
 def flatten_state(state: Any, *, nested: Iterable[str] = NESTING_KEYS, name: str = "checkpoint") -> dict[str, torch.Tensor]:

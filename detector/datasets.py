@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .api import DetectorError
+from .errors import DetectorError
 
 #: Dataset kinds understood by every function of this module.
 KINDS = ("mvtec", "visa", "folder")

@@ -37,8 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import datasets, metrics
-from .cli import add_common_arguments, detector_kwargs
-from .registry import create_detector, get_method, list_methods, method_options
+from . import cli
+from .cli import add_common_arguments, detector_kwargs, resolve_methods
+from .registry import create_detector, get_method
 
 #: Metrics of the Markdown table: (result key, column title).
 TABLE_METRICS = (
@@ -73,14 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exact) or 'full' (original size, streamed per image, binned thresholds)",
     )
     parser.add_argument("--bins", type=int, default=metrics.DEFAULT_BINS, help="score bins of --pixel-size full (default 10000)")
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="[METHOD.]KEY=VALUE",
-        help="a method option (repeatable), e.g. --option anople.steps=20 or --option sigma=4; without METHOD. it applies "
-        "to every selected method that has the option; VALUE is read as JSON when possible (4, 0.5, true, null) else as text",
-    )
+    cli.add_option_arguments(parser)
     parser.add_argument(
         "--category-as-class-name",
         action="store_true",
@@ -92,49 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- argument handling -----------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def resolve_methods(requested: Sequence[str] | None) -> list[str]:
-    """Registered method names (lower case) for ``--method``; ``None`` or ``all`` = every one."""
-    known = list_methods()
-    if not requested or [m.lower() for m in requested] == ["all"]:
-        return known
-    names = []
-    for name in requested:
-        key = name.strip().lower()
-        if key not in known:
-            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known)}")
-        if key not in names:
-            names.append(key)
-    return names
-
-
-def resolve_options(options: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+def resolve_options(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``--option`` values as ``{method: {key: value}}``."""
-    result: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for item in options:
-        if "=" not in item:
-            raise ValueError(f"--option {item!r}: expected [METHOD.]KEY=VALUE")
-        key, value = item.split("=", 1)
-        key = key.strip()
-        target, _, option = key.rpartition(".")
-        parsed = _parse_value(value.strip())
-        if target:
-            if target.lower() not in result:
-                raise ValueError(f"--option {item!r}: method {target!r} is not among the evaluated methods {', '.join(methods)}")
-            result[target.lower()][option] = parsed
-            continue
-        takers = [m for m in methods if option in method_options(m)]
-        if not takers:
-            raise ValueError(f"--option {item!r}: no evaluated method has an option {option!r}")
-        for method in takers:
-            result[method][option] = parsed
-    return result
+    return cli.resolve_options(items, methods, what="evaluated")
 
 
 def resolve_checkpoints(value: str | None, methods: Sequence[str]) -> dict[str, str | None]:
@@ -389,7 +343,7 @@ def output_paths(out: str) -> tuple[Path, Path]:
 # -- main ------------------------------------------------------------------------------------------
 def run_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     methods = resolve_methods(args.method)
-    options = resolve_options(args.option, methods)
+    options = cli.options_from_args(args, methods, what="evaluated")
     checkpoints = resolve_checkpoints(args.checkpoint, methods)
     pixel_size = resolve_pixel_size(args.pixel_size)
     seeds = list(dict.fromkeys(args.seeds if args.seeds else [args.seed]))

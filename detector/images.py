@@ -49,7 +49,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
 from . import limits
-from .api import InvalidImageError
+from .errors import InvalidImageError
 from .geometry import Geometry, ResizeMode, input_geometry
 
 __all__ = [

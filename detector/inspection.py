@@ -34,7 +34,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import limits, maps
-from .api import Calibration, DetectionResult, Detector, InvalidImageError
+from .base import Detector
+from .calibration import Calibration
+from .errors import InvalidImageError
+from .results import DetectionResult
 from .images import load_image
 
 #: ``progress(fraction in [0, 1], message)``.
@@ -101,45 +104,6 @@ class ExplanationView:
     calibrated_value: float | None = None
 
 
-def _prompt_labels(det: Detector, keys: Sequence[str]) -> list[str]:
-    """Readable names of FAPrompt's prompts: "normal", then "abnormal 3 (hole)" in word mode."""
-    phrases: Sequence[str] = ()
-    try:
-        if det.describe().get("prompts") == "words":
-            from .methods.faprompt import WORD_ABNORMALITY_PHRASES as phrases  # type: ignore[no-redef]
-    except Exception:  # a description is a nicety here, never a reason to fail
-        phrases = ()
-    labels = []
-    for key in keys:
-        match = re.fullmatch(r"abnormal_(\d+)", key)
-        if match is None:
-            labels.append(key.replace("_", " "))
-            continue
-        number = int(match.group(1))
-        phrase = f" ({phrases[number - 1]})" if 0 < number <= len(phrases) else ""
-        labels.append(f"abnormal {number}{phrase}")
-    return labels
-
-
-def _query_box(det: Detector, result: DetectionResult, details: Mapping[str, Any], query: np.ndarray) -> tuple[int, int, int, int]:
-    """Box of the explained patch in the query's original pixels."""
-    row, col = (int(v) for v in details["patch"])
-    if "normal_index" not in details and "box" in details:
-        return tuple(int(v) for v in details["box"])  # FAPrompt: the box is the query's own
-    geometry = result.extras.get("_geometry")
-    grid = tuple(getattr(det, "grid", result.raw_map.shape))
-    if geometry is not None:
-        return maps.patch_box(geometry, grid, row, col)
-    rows, cols = result.raw_map.shape  # no geometry: the grid tiles the whole image
-    height, width = query.shape[:2]
-    return (
-        int(math.floor(col * width / cols)),
-        int(math.floor(row * height / rows)),
-        int(math.ceil((col + 1) * width / cols)),
-        int(math.ceil((row + 1) * height / rows)),
-    )
-
-
 def explanation_view(
     det: Detector,
     result: DetectionResult,
@@ -172,41 +136,37 @@ def explanation_view(
     x, y = int(x), int(y)
     if not (0 <= x < width and 0 <= y < height):
         raise IndexError(f"pixel ({x}, {y}) is outside the {width}x{height} query")
-    details = dict(det.explain(result, x, y))
+    explanation = det.explanation(result, x, y)
+    details = explanation.to_dict()
     name = det.display_name or det.name
-    row, col = (int(v) for v in details["patch"])
-    query_image = draw_box(query, _query_box(det, result, details, query), QUERY_BOX_COLOR)
+    row, col = explanation.patch
+    query_image = draw_box(query, explanation.query_box, QUERY_BOX_COLOR)
     cv2.drawMarker(query_image, (x, y), QUERY_BOX_COLOR, cv2.MARKER_CROSS, max(7, 4 * _line_width(query)), 1)
     calibrated_value = None
-    text = f"{name}: patch (row {row}, col {col}) at ({x}, {y}), value {details['value']:.4g}"
+    text = f"{name}: patch (row {row}, col {col}) at ({x}, {y}), value {explanation.value:.4g}"
     if calibration is not None:
         calibrated_value = float(calibration.normalize_map(result.anomaly_map[y : y + 1, x : x + 1])[0, 0])
         text += f" (calibrated {calibrated_value:.2f} at the pixel)"
     normal_image = None
-    similarities: list[tuple[str, float]] = []
-    if "normal_index" in details:
-        index = int(details["normal_index"])
+    nearest = explanation.nearest
+    if nearest is not None:
+        index = nearest.normal_index
         if not 0 <= index < len(normals_rgb):
             raise ValueError(f"the nearest patch is in normal image {index}, but {len(normals_rgb)} normal image(s) were given")
-        normal_image = draw_box(_rgb(normals_rgb[index]), details["box"], NORMAL_BOX_COLOR)
-        n_row, n_col = (int(v) for v in details["normal_patch"])
+        normal_image = draw_box(_rgb(normals_rgb[index]), nearest.box, NORMAL_BOX_COLOR)
+        n_row, n_col = nearest.patch
         text += (
             f"; nearest normal patch: image {index + 1} of {len(normals_rgb)}, (row {n_row}, col {n_col}), "
-            f"cosine similarity {details['similarity']:.3f}"
+            f"cosine similarity {nearest.similarity:.3f} (block {nearest.layer})"
         )
-        if "layer" in details:
-            text += f" (block {details['layer']})"
-    elif "prompt_similarities" in details:
-        keys = list(details["prompt_similarities"])
-        values = [float(details["prompt_similarities"][k]) for k in keys]
-        similarities = list(zip(_prompt_labels(det, keys), values))
-        normal = [s for k, s in zip(keys, values) if k == "normal"]
-        abnormal = [(label, s) for (label, s), k in zip(similarities, keys) if k != "normal"]
-        if abnormal:
-            best_label, best = max(abnormal, key=lambda item: item[1])
-            text += f"; closest abnormality prompt: {best_label} ({best:.3f})"
-        if normal:
-            text += f" vs normal prompt {normal[0]:.3f}"
+    similarities = [(prompt.label, prompt.cosine) for prompt in explanation.prompts]
+    abnormal = [(prompt.label, prompt.cosine) for prompt in explanation.prompts if prompt.key != "normal"]
+    normal = [prompt.cosine for prompt in explanation.prompts if prompt.key == "normal"]
+    if abnormal:
+        best_label, best = max(abnormal, key=lambda item: item[1])
+        text += f"; closest abnormality prompt: {best_label} ({best:.3f})"
+    if normal:
+        text += f" vs normal prompt {normal[0]:.3f}"
     return ExplanationView(
         method=name,
         text=text,

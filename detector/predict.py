@@ -8,8 +8,9 @@ For each query it writes, into ``--out``:
 - ``<query>.json``: per method the score, calibrated score, threshold, verdict, seconds,
   weights, calibration source and warnings (the same summary as the app's API).
 
-Normal images are encoded (and AnoPLe's prompts learned) once and reused for every query,
-through ``detector.service``. Example::
+Normal images are encoded (and prompts learned, for methods that learn at ``fit``) once and
+reused for every query, through ``detector.service``. Method options come as
+``--<method>-<option>`` flags or ``--option [METHOD.]KEY=VALUE``. Example::
 
     python -m detector predict --method inctrl anople --normals good/ --query q1.png q2.png --out results/
 """
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import limits, maps
-from .api import DetectorError
+from .errors import DetectorError
+from . import cli
 from .cli import add_common_arguments
-from .registry import get_method, list_methods
 from .service import InspectionService, MethodOutcome, ServiceConfig
 
 LOG = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour map (default 0.5)")
     parser.add_argument("--colormap", default="jet", choices=list(maps.COLORMAPS), help="colour map (default jet)")
     parser.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in model pixels (default: each method's)")
-    parser.add_argument("--anople-preset", default=None, choices=["fast", "faithful", "text_only"], help="AnoPLe preset (default fast)")
-    parser.add_argument("--anople-steps", type=int, default=None, help="AnoPLe prompt-learning steps (default: the preset's)")
+    cli.add_option_arguments(parser)
     parser.add_argument("--no-fallback", action="store_true", help="fail when pretrained weights are unavailable instead of using random ones")
     return parser
 
@@ -77,22 +77,18 @@ def write_overlay(path: Path, outcome: MethodOutcome, query_rgb, threshold: floa
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Score every query; returns the written JSON files."""
-    methods = [get_method(m).name for m in (args.method or list_methods())]
+    methods = cli.resolve_methods(args.method)
     if args.checkpoint and len(methods) != 1:
         raise ValueError("--checkpoint needs exactly one --method (each method has its own checkpoint format)")
     if not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1] (calibrated scale), got {args.threshold}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
-    options: dict[str, dict[str, Any]] = {m: {"seed": args.seed} for m in methods}
-    if args.sigma is not None:
-        for method in methods:
+    options: dict[str, dict[str, Any]] = cli.options_from_args(args, methods)
+    for method in methods:
+        options[method].setdefault("seed", args.seed)
+        if args.sigma is not None:
             options[method]["sigma"] = args.sigma
-    if "anople" in options:
-        if args.anople_preset:
-            options["anople"]["preset"] = args.anople_preset
-        if args.anople_steps:
-            options["anople"]["steps"] = args.anople_steps
     config = ServiceConfig(
         backbone=args.backbone,
         backbone_weights=args.backbone_weights,

@@ -1,7 +1,8 @@
 """Method registry: ``register_method``, ``create_detector`` and ``list_methods``.
 
-A method is one ``Detector`` subclass decorated with ``@register_method("name")`` in a
-module under ``detector/methods``; nothing else needs to change to add one.
+A method is one ``Detector`` subclass with a ``spec`` (``detector.spec.MethodSpec``),
+decorated with ``@register_method("Name")`` in a module under ``detector/methods``;
+nothing else needs to change to add one (README "Adding a method").
 """
 
 from __future__ import annotations
@@ -9,27 +10,31 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, TypeVar
 
-from .api import Detector
-
-#: Options every method accepts (api.md, "Method options").
-COMMON_OPTIONS = ("class_name", "sigma", "seed")
+from .base import COMMON_OPTIONS, Detector
+from .spec import MethodSpec
 
 _METHODS: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
 
 
 def register_method(name: str) -> Callable[[D], D]:
-    """Class decorator registering a ``Detector`` subclass under ``name`` (lower case)."""
+    """Class decorator registering a ``Detector`` subclass under ``name`` (lower case).
+
+    The class must declare ``spec = MethodSpec(...)``; ``display_name`` and
+    ``requires_fit`` are taken from it.
+    """
     key = name.lower()
 
     def decorate(cls: D) -> D:
         if not (isinstance(cls, type) and issubclass(cls, Detector)):
             raise TypeError(f"{cls!r} is not a Detector subclass")
+        if not isinstance(getattr(cls, "spec", None), MethodSpec):
+            raise TypeError(f"{cls.__name__} declares no spec = MethodSpec(...)")
         if key in _METHODS and _METHODS[key] is not cls:
             raise ValueError(f"a method named {key!r} is already registered")
         cls.name = key
-        if not cls.display_name:
-            cls.display_name = name
+        cls.display_name = cls.spec.display_name or name
+        cls.requires_fit = cls.spec.needs_normals
         _METHODS[key] = cls
         return cls
 
@@ -55,12 +60,14 @@ def get_method(name: str) -> type[Detector]:
     return _METHODS[key]
 
 
+def get_spec(name: str) -> MethodSpec:
+    """The ``MethodSpec`` of the method registered as ``name``."""
+    return get_method(name).spec
+
+
 def method_options(name: str) -> dict[str, Any]:
     """Every keyword option ``create_detector(name, ...)`` accepts, with its default."""
-    cls = get_method(name)
-    defaults: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0}
-    defaults.update(cls.method_options)
-    return defaults
+    return {**COMMON_OPTIONS, **get_method(name).spec.option_defaults()}
 
 
 def create_detector(
@@ -71,15 +78,10 @@ def create_detector(
     device: str = "cpu",
     **method_options_: Any,
 ) -> Detector:
-    """Build the detector registered as ``name`` (api.md, "Construction").
+    """Build the detector registered as ``name`` (README "Python API").
 
-    Unknown keyword options raise ``TypeError`` listing the valid ones.
+    Unknown keyword options raise ``TypeError`` listing the valid ones; a value outside an
+    option's choices raises ``ValueError``.
     """
     cls = get_method(name)
-    valid = method_options(name)
-    unknown = sorted(set(method_options_) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"{cls.display_name} got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}"
-        )
     return cls(backbone=backbone, backbone_weights=backbone_weights, checkpoint=checkpoint, device=device, **method_options_)

@@ -18,8 +18,6 @@ meaningless (``weights_fallback``).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -29,10 +27,14 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from . import limits
-from .api import Calibration, DetectionResult, Detector, DetectorError, WeightsUnavailableError, check_normal_count
+from .base import Detector, check_normal_count
+from .calibration import Calibration
+from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
 from .inspection import BatchResult, check_batch_size, run_batch
-from .registry import create_detector, get_method, list_methods
+from .registry import create_detector, get_method, list_methods, method_options
+from .results import DetectionResult
+from .weights import TINY_TEST, availability_problem, resolve_default_weights
 
 LOG = logging.getLogger(__name__)
 
@@ -44,10 +46,6 @@ RANDOM_FALLBACK_WARNING = (
     "pretrained weights unavailable ({reason}); running the same architecture with RANDOM weights: "
     "scores and maps are meaningless"
 )
-
-
-class RequestTimeoutError(DetectorError):
-    """A request ran past its time limit (the app uses ``limits.REQUEST_TIMEOUT_SECONDS``)."""
 
 
 class _Deadline:
@@ -144,8 +142,7 @@ class MethodOutcome:
 
     def raw_threshold(self, threshold: float) -> float:
         """The method's own score that a calibrated ``threshold`` corresponds to."""
-        c = self.calibration
-        return float(c.image_threshold + (float(threshold) - 0.5) * (c.image_max - c.image_min))
+        return self.calibration.raw_image_threshold(threshold)
 
     def is_anomalous(self, threshold: float) -> bool:
         return self.calibrated_score >= float(threshold)
@@ -161,7 +158,7 @@ class MethodOutcome:
             "threshold_calibrated": float(threshold),
             "verdict": "anomalous" if self.is_anomalous(threshold) else "normal",
             "seconds": float(self.seconds),
-            "weights": weights_text(self.description),
+            "weights": weights_text(self.description, trained_offline=get_method(self.method).spec.trained_offline),
             "trained": bool(self.description.get("trained", False)),
             "mode": self.description.get("mode"),
             "calibration": self.calibration.source,
@@ -197,14 +194,16 @@ class InspectionReport:
         }
 
 
-def weights_text(description: Mapping[str, Any]) -> str:
-    """One line saying which weights a method runs on, from its ``describe()``."""
+def weights_text(description: Mapping[str, Any], *, trained_offline: bool = True) -> str:
+    """One line saying which weights a method runs on, from its ``describe()``;
+    ``trained_offline`` (the method's ``spec``) says whether a missing checkpoint is worth
+    mentioning."""
     parts = [f"{description.get('backbone', '?')}: {description.get('backbone_weights', '?')}"]
     checkpoint = description.get("checkpoint")
     mode = description.get("mode")
     if checkpoint:
         parts.append(f"checkpoint {checkpoint}")
-    elif description.get("method") != "anople":
+    elif trained_offline:
         parts.append("no checkpoint")
     if mode:
         parts.append(f"mode {mode}")
@@ -268,8 +267,6 @@ class InspectionService:
     def options_for(self, method: str, class_name: str = "object", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Keyword options for ``create_detector``: configured defaults, then ``overrides``
         restricted to what the method accepts (unknown keys are ignored), then ``class_name``."""
-        from .registry import method_options
-
         name = get_method(method).name
         valid = method_options(name)
         options = {k: v for k, v in dict(self.config.method_options.get(name, {})).items() if k in valid}
@@ -532,52 +529,29 @@ class InspectionService:
     def weights_status(self, method: str) -> tuple[str, str | None]:
         """Without building anything: ``(model_name, problem)`` where ``problem`` says why the
         method's pretrained weights are not available locally (``None`` = available, random
-        by choice, or not knowable before loading)."""
+        by choice, supplied by the configured checkpoint, or not knowable before loading)."""
         cls = get_method(method)
-        module = sys.modules.get(cls.__module__)
-        model_name = self.config.backbone or getattr(module, "DEFAULT_BACKBONE", None) or "?"
-        if self.config.checkpoints.get(cls.name) and cls.name == "inctrl":
+        spec = cls.spec
+        model_name = self.config.backbone or spec.default_backbone
+        checkpoint = self.config.checkpoints.get(cls.name)
+        if checkpoint and _supplies_backbone(cls, checkpoint):
             return model_name, None
-        weights = self.config.backbone_weights
-        if weights is None:
-            if model_name == "tiny-test":
-                return model_name, None
-            default_model = getattr(module, "DEFAULT_BACKBONE", None)
-            weights = getattr(module, "DEFAULT_WEIGHTS", None) if model_name == default_model else None
-            if weights is None:
-                return model_name, None
-        return model_name, weights_problem(model_name, weights)
+        if model_name == TINY_TEST and self.config.backbone_weights is None:
+            return model_name, None
+        try:
+            weights = resolve_default_weights(
+                model_name, self.config.backbone_weights, default_model=spec.default_backbone, default_weights=spec.default_weights
+            )
+        except ValueError:  # no default for this model: building it says so clearly
+            return model_name, None
+        return model_name, availability_problem(model_name, weights)
 
 
-def weights_problem(model_name: str, weights: str) -> str | None:
-    """Why ``weights`` of ``model_name`` are not available without a download, or ``None``."""
-    if str(weights).lower() == "random":
-        return None
-    if os.path.isfile(os.path.expanduser(str(weights))):
-        return None
-    if str(weights).startswith("hf-hub:") or os.sep in str(weights):
-        return None
+def _supplies_backbone(cls: type[Detector], checkpoint: str) -> bool:
+    """The method's own answer; a file that cannot be read now counts as not supplying it
+    (building the detector later reports the real problem)."""
     try:
-        import open_clip
-        from huggingface_hub import try_to_load_from_cache
-
-        config_name = model_name[: -len("-quickgelu")] if model_name.endswith("-quickgelu") else model_name
-        cfg = open_clip.get_pretrained_cfg(config_name, weights) or {}
-        hub_id = str(cfg.get("hf_hub", "")).rstrip("/")
-        if not hub_id:
-            return None
-        candidates = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        repo_id = hub_id
-        if hub_id.count("/") >= 2:
-            repo_id, filename = hub_id.rsplit("/", 1)
-            candidates = [filename]
-        for filename in candidates:
-            found = try_to_load_from_cache(repo_id, filename)
-            if isinstance(found, str):
-                return None
-    except Exception as error:  # a broken cache must not stop start-up
-        return f"could not check the cache ({type(error).__name__})"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    if offline:
-        return f"{model_name} / {weights} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    return f"{model_name} / {weights} is not in the Hugging Face cache yet (download on first use)"
+        return bool(cls.checkpoint_supplies_backbone(checkpoint))
+    except Exception as error:  # start-up facts must never stop start-up
+        LOG.warning("could not read checkpoint %s: %s", checkpoint, error)
+        return False

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.api import CheckpointError, WeightsUnavailableError
+from detector.errors import CheckpointError, WeightsUnavailableError
 from detector.backbone import (
     clear_backbone_cache,
     load_backbone,
     resize_vision_input,
-    resolve_weights,
 )
+from detector.weights import resolve_default_weights as resolve_weights
 from detector.checkpoints import check_keys, read_state_dict, save_safetensors, read_header
 
 
@@ -154,9 +154,9 @@ def test_pretrained_tag_is_read_from_the_hugging_face_cache(tmp_path, monkeypatc
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     save_safetensors(snap / "open_clip_model.safetensors", source.model.state_dict(), {})
-    from detector import backbone as backbone_module
+    from detector import weights as weights_module
 
-    found = backbone_module._weights_file("ViT-B-16-plus-240", "laion400m_e32")
+    found = weights_module.weights_file("ViT-B-16-plus-240", "laion400m_e32")
     assert found.resolve() == (snap / "open_clip_model.safetensors").resolve()
 
 

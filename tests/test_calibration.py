@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.api import Calibration, normalize
+from detector.calibration import Calibration, normalize
 from detector.calibration import calibration_from_normals, fixed_calibration
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision import transforms
 
 from detector import limits
-from detector.api import InvalidImageError
+from detector.errors import InvalidImageError
 from detector.geometry import input_geometry
 from detector.images import (
     OPENAI_MEAN,

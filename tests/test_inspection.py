@@ -53,7 +53,7 @@ def test_nearest_normal_of_an_exact_copy_is_the_same_patch(fitted, normals, meth
     det = fitted[method]
     query = normals[1].copy()
     result = det.predict(query)
-    geometry = result.extras["_geometry"]
+    geometry = result.geometry
     for x, y in [(3, 4), (50, 35), (101, 70)]:
         view = inspection.explanation_view(det, result, query, normals, x, y)
         details = view.details

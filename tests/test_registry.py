@@ -5,32 +5,36 @@ import pytest
 
 import detector
 from detector import registry
-from detector.api import DetectionResult, Detector, check_normal_count
+from detector.base import Detector, MethodOutput, check_normal_count
+from detector.results import DetectionResult
+from detector.spec import MethodSpec, Option
 from detector import limits
 
 
 class _ConstantDetector(Detector):
     """A minimal method used to exercise the registry and the base class."""
 
-    display_name = "Constant"
-    requires_fit = True
-    method_options = {"level": 0.25}
+    spec = MethodSpec(
+        display_name="Constant",
+        default_backbone="tiny-test",
+        default_weights="random",
+        resize="squash",
+        default_sigma=0.0,
+        options={"level": Option(0.25, kind=float)},
+    )
 
-    def __init__(self, *, backbone=None, backbone_weights=None, checkpoint=None, device="cpu", level=0.25, **common):
-        super().__init__(device=device, **common)
-        self.level = level
-        self.seen = []
+    @property
+    def level(self):
+        return self.options["level"]
 
-    def describe(self):
-        return {"method": self.name, "level": self.level}
+    def _fit(self, normals, progress):
+        self.seen = [im.size for im in normals.images]
 
-    def _fit(self, images, progress):
-        self.seen = [im.size for im in images]
+    def _encode(self, batch):
+        return None
 
-    def _predict(self, image):
-        h, w = image.size
-        return DetectionResult(self.name, self.level, np.full((h, w), self.level, np.float32),
-                               np.zeros((2, 2), np.float32), {}, {})
+    def _score(self, encoded, batch):
+        return [MethodOutput(self.level, np.full((2, 2), self.level, np.float32)) for _ in batch.images]
 
 
 @pytest.fixture

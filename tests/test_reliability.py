@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from detector import create_detector, limits, synthetic
-from detector.api import CheckpointError, InvalidImageError
+from detector.errors import CheckpointError, InvalidImageError
 from detector.service import InspectionService, ServiceConfig
 
 TINY = dict(backbone="tiny-test", backbone_weights="random")

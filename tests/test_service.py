@@ -8,36 +8,39 @@ import numpy as np
 import pytest
 
 from detector import synthetic
-from detector.api import DetectionResult, Detector, WeightsUnavailableError
+from detector.base import Detector, MethodOutput
+from detector.errors import WeightsUnavailableError
 from detector.images import fingerprint, load_image
 from detector.service import InspectionService, ServiceConfig
+from detector.spec import MethodSpec
 
 
 class CountingDetector(Detector):
     """A stand-in detector: score = mean absolute difference to the mean normal pixel value."""
 
-    display_name = "Counting"
-    requires_fit = True
+    spec = MethodSpec(display_name="Counting", default_backbone="tiny-test", default_weights="random", resize="squash", default_sigma=0.0)
 
     def __init__(self, name: str, calls: dict, backbone_weights=None, **options):
         super().__init__(class_name=options.pop("class_name", "object"))
         self.name = name
-        self.options = options
+        self.method_options_given = options
         self.backbone_weights = backbone_weights
         self.calls = calls
         self.reference = None
 
-    def _fit(self, images, progress):
+    def _fit(self, normals, progress):
         self.calls["fit"] = self.calls.get("fit", 0) + 1
         if progress is not None:
             progress(0.5, "half way")
-        self.reference = float(np.mean([img.rgb.mean() for img in images])) if images else 0.0
+        self.reference = float(np.mean([img.rgb.mean() for img in normals.images])) if len(normals) else 0.0
 
-    def _predict(self, image):
+    def _encode(self, batch):
         self.calls["predict"] = self.calls.get("predict", 0) + 1
-        value = abs(float(image.rgb.mean()) - self.reference) / 255.0
-        h, w = image.size
-        return DetectionResult(self.name, value, np.full((h, w), value, np.float32), np.zeros((2, 2), np.float32), {}, {})
+        return [float(image.rgb.mean()) for image in batch.images]
+
+    def _score(self, encoded, batch):
+        values = [abs(mean - self.reference) / 255.0 for mean in encoded]
+        return [MethodOutput(value, np.full((2, 2), value, np.float32)) for value in values]
 
     def describe(self):
         return {"method": self.name, "backbone": "fake", "backbone_weights": str(self.backbone_weights),

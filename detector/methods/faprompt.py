@@ -46,12 +46,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import maps
-from ..api import CheckpointError, DetectionResult, Detector, ProgressCallback, Stopwatch
-from ..backbone import TINY_TEST, Backbone, load_backbone, resolve_weights
+from ..backbone import Backbone
+from ..base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
 from ..checkpoints import NESTING_KEYS, check_keys, read_header, read_state_dict
-from ..geometry import input_geometry
+from ..errors import CheckpointError
 from ..registry import register_method
+from ..results import Box, DetectionResult, Explanation, PromptSimilarity
+from ..spec import MethodSpec, Option
+from ..weights import TINY_TEST
 
 #: Official backbone: open_clip model name, pretrained tag and input side.
 DEFAULT_BACKBONE = "ViT-L-14-336"
@@ -104,6 +106,8 @@ PRIOR_OPTIONS = ("first", "topk")
 #: ``"fp32"`` (default, the official numbers) or ``"bf16"`` (opt-in: backbone and prompt state
 #: in bfloat16; changes the numbers, and is only faster on CPUs with native bf16 matmuls).
 PRECISION_OPTIONS = ("fp32", "bf16")
+#: Registered name (the ``method`` field of our checkpoint headers).
+METHOD_NAME = "faprompt"
 
 
 # -- sizes derived from the backbone ---------------------------------------------------------
@@ -645,8 +649,8 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
     """
     header = read_header(path)
     method = header.get("method")
-    if method is not None and method != "faprompt":
-        raise CheckpointError(f"{Path(str(path)).name} was written for the method {method!r}, not faprompt")
+    if method is not None and method != METHOD_NAME:
+        raise CheckpointError(f"{Path(str(path)).name} was written for the method {method!r}, not {METHOD_NAME}")
     state = read_state_dict(path, nested=("prompt_learner",) + NESTING_KEYS)
     check_keys(state, expected_shapes(learner), what=what)
     reference = learner.state_dict()
@@ -658,120 +662,122 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
 # -- the detector ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PromptEvidence:
+    """What ``explain`` reads: the query's V-V patch features ``(N, E)`` and the normalised
+    prompt features ``(11, E)`` (row 0 normal, rows 1..10 the pass-2 abnormal prompts)."""
+
+    patch_features: np.ndarray
+    prompt_features: np.ndarray
+
+
 @register_method("FAPrompt")
 class FAPromptDetector(Detector):
     """Zero-shot FAPrompt (see the module docstring). ``fit`` is optional and never changes
     scores; normals given to it are only scored as queries for calibration."""
 
-    display_name = "FAPrompt"
-    requires_fit = False
-    method_options = {"prompts": "auto", "prior_patches": "first", "precision": "fp32"}
+    spec = MethodSpec(
+        display_name="FAPrompt",
+        default_backbone=DEFAULT_BACKBONE,
+        default_weights=DEFAULT_WEIGHTS,
+        resize="squash",
+        default_sigma=DEFAULT_SIGMA,
+        needs_normals=False,
+        trained_offline=True,
+        training_module="detector.training.faprompt",
+        options={
+            "prompts": Option("auto", PROMPTS_OPTIONS, help="learned prompts (auto = when a checkpoint is loaded) or word prompts"),
+            "prior_patches": Option("first", PRIOR_OPTIONS, help="official first-ten-patches quirk or the corrected top-k"),
+            "precision": Option("fp32", PRECISION_OPTIONS, help="fp32 (official numbers) or opt-in bf16"),
+        },
+    )
 
-    def __init__(
-        self,
-        *,
-        backbone: str | None = None,
-        backbone_weights: str | None = None,
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        class_name: str = "object",
-        sigma: float | None = None,
-        seed: int = 0,
-        prompts: str = "auto",
-        prior_patches: str = "first",
-        precision: str = "fp32",
-    ) -> None:
-        super().__init__(device=device, class_name=class_name, sigma=sigma, seed=seed)
-        if precision not in PRECISION_OPTIONS:
-            raise ValueError(f"precision must be one of {PRECISION_OPTIONS}, got {precision!r}")
-        if prompts not in PROMPTS_OPTIONS:
-            raise ValueError(f"prompts must be one of {PROMPTS_OPTIONS}, got {prompts!r}")
-        if prior_patches not in PRIOR_OPTIONS:
-            raise ValueError(f"prior_patches must be one of {PRIOR_OPTIONS}, got {prior_patches!r}")
-        if prompts == "learned" and checkpoint is None:
+    # -- construction hooks ---------------------------------------------------------------
+    def _validate(self) -> None:
+        if self.options["prompts"] == "learned" and self.checkpoint is None:
             raise ValueError("prompts='learned' needs a checkpoint (FAPrompt prompt-learner file)")
-        model_name = backbone or DEFAULT_BACKBONE
-        weights = resolve_weights(model_name, backbone_weights, default_model=DEFAULT_BACKBONE, default_weights=DEFAULT_WEIGHTS)
-        self.image_size = method_image_size(model_name)
-        quick_gelu = True if model_name in (DEFAULT_BACKBONE, TINY_TEST) else None
-        self.precision = precision
-        self.backbone = load_backbone(
-            model_name, weights, image_size=self.image_size, device=device, precision=precision, quick_gelu=quick_gelu
+
+    def _backbone_choice(self, backbone: str | None, backbone_weights: str | None, artefact: Any) -> BackboneChoice:
+        """The official backbone at 518 px (or the same enlargement of another model),
+        QuickGELU on the official model and on tiny-test whatever the weights."""
+        choice = super()._backbone_choice(backbone, backbone_weights, artefact)
+        model_name = choice.model_name
+        return BackboneChoice(
+            model_name,
+            choice.weights,
+            image_size=method_image_size(model_name),
+            precision=self.options["precision"],
+            quick_gelu=True if model_name in (DEFAULT_BACKBONE, TINY_TEST) else None,
         )
+
+    def _build(self, artefact: Path | None) -> None:
         visual = self.backbone.visual
+        model_name = self.backbone.spec.model_name
         is_vit_clip = hasattr(visual, "transformer") and getattr(visual, "proj", None) is not None
         if not is_vit_clip or not hasattr(self.backbone.model, "token_embedding"):
             raise ValueError(
                 f"FAPrompt needs a ViT CLIP with a projected CLS token and a text tower; {model_name} is not one"
             )
-        self.grid = self.backbone.grid_size
-        self.map_sigma = DEFAULT_SIGMA if sigma is None else float(sigma)
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.prompts_option = prompts
-        self.prior_patches = prior_patches
-
+        self.precision = self.options["precision"]
+        self.prior_patches = self.options["prior_patches"]
         learner = FAPromptLearner.for_backbone(self.backbone)
         self.checkpoint_header: dict[str, Any] = {}
-        if checkpoint is not None:
-            self.checkpoint_header = load_learner_state(
-                learner, checkpoint, what=f"the FAPrompt prompt learner of {model_name}"
-            )
-        self.learned = checkpoint is not None and prompts != "words"
+        if artefact is not None:
+            self.checkpoint_header = load_learner_state(learner, artefact, what=f"the FAPrompt prompt learner of {model_name}")
+        self.learned = artefact is not None and self.options["prompts"] != "words"
         self.word_ids: dict[str, Any] | None = None
         if not self.learned:
             learner = FAPromptLearner.for_backbone(self.backbone)
             learner.set_template_buffers(self.backbone)
             self.word_ids = learner.set_word_context(self.backbone)
-        learner.to(self.backbone.device, dtype=self.backbone.visual.conv1.weight.dtype).eval().requires_grad_(False)
+        learner.to(self.backbone.device, dtype=self.backbone.dtype).eval().requires_grad_(False)
         self.model = FAPromptModel(
-            self.backbone,
-            learner,
-            use_deep_prompts=self.learned,
-            use_prior=self.learned,
-            prior_patches=prior_patches,
+            self.backbone, learner, use_deep_prompts=self.learned, use_prior=self.learned, prior_patches=self.prior_patches
         )
-        from ..images import OPENAI_MEAN, OPENAI_STD, Preprocess
-
-        self.preprocess_spec = Preprocess(self.image_size, "squash", OPENAI_MEAN, OPENAI_STD)
         self._text_state: TextState | None = None
-        self._normals: list = []
-        self._normal_results: list[tuple[float, np.ndarray]] | None = None
+        self._normals: PreparedBatch | None = None
+        self._normal_outputs: list[MethodOutput] | None = None
 
     # -- description ---------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
+    @property
+    def is_trained(self) -> bool:
+        return self.learned
+
+    @property
+    def mode(self) -> str:
+        return "learned" if self.learned else "training-free"
+
+    def _details(self) -> dict[str, Any]:
         return {
-            "method": self.name,
-            "backbone": self.backbone.spec.model_name,
-            "backbone_weights": self.backbone.weights_description,
-            "image_size": self.image_size,
             "grid": list(self.grid),
-            "checkpoint": self.checkpoint,
-            "trained": self.learned,
-            "mode": "learned" if self.learned else "training-free",
             "prompts": "learned" if self.learned else "words",
             "prior_patches": self.prior_patches,
             "precision": self.precision,
-            "sigma": self.map_sigma,
             "vv_start_block": self.model.vision.vv_start,
             "deep_prompts": len(self.model.learner.compound_prompts_text) if self.learned else 0,
             "uses_normal_images": False,
         }
 
     # -- fit: nothing to learn -------------------------------------------------------------
-    def _fit(self, images: list, progress: ProgressCallback | None) -> None:
+    def _fit(self, normals: PreparedBatch, progress: ProgressCallback | None) -> None:
         """Keep the normals for calibration only (scored as queries on demand)."""
-        self._normals = list(images)
-        self._normal_results = None
+        self._normals = normals
+        self._normal_outputs = None
 
-    def leave_one_out(self) -> list[tuple[float, np.ndarray]] | None:
-        """The fitted normals scored as queries (zero-shot: a normal's score never depends
-        on the other normals); ``None`` with fewer than 2 normals."""
-        if len(self._normals) < 2:
+    def _leave_one_out(self) -> list[MethodOutput] | None:
+        """The fitted normals scored as queries, one at a time as ``predict`` does
+        (zero-shot: a normal's score never depends on the other normals); ``None`` with
+        fewer than 2 normals."""
+        normals = self._normals
+        if normals is None or len(normals) < 2:
             return None
-        if self._normal_results is None:
-            results = [self._predict(image) for image in self._normals]
-            self._normal_results = [(r.score, r.anomaly_map) for r in results]
-        return list(self._normal_results)
+        if self._normal_outputs is None:
+            outputs = []
+            for index in range(len(normals)):
+                one = normals.select([index])
+                outputs.extend(self._score(self._encode(one), one))
+            self._normal_outputs = outputs
+        return list(self._normal_outputs)
 
     # -- prediction --------------------------------------------------------------------------
     def text_state(self) -> TextState:
@@ -781,58 +787,46 @@ class FAPromptDetector(Detector):
                 self._text_state = self.model.text_state()
         return self._text_state
 
-    def _predict(self, image) -> DetectionResult:
-        from ..images import preprocess
+    def _encode(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``(global (B, E), patches (B, 1 + N, E))``."""
+        return self.model.encode_images(batch.pixels)
 
-        watch = Stopwatch()
-        with torch.inference_mode():
-            with watch("preprocess"):
-                tensor, geometry = preprocess(image, self.preprocess_spec)
-                batch = tensor.unsqueeze(0).to(self.backbone.device)
-            with watch("text"):
-                state = self.text_state()
-            with watch("encode"):
-                global_features, patches = self.model.encode_images(batch)
-            with watch("score"):
-                out = self.model.score_features(global_features, patches, state)
-                rows, cols = self.grid
-                raw_map = out["map"][0].reshape(rows, cols).float().cpu().numpy()
-            with watch("upsample"):
-                anomaly_map = maps.upsample_map(raw_map, geometry, sigma=self.map_sigma)
-        prompt_features = torch.cat([F.normalize(state.normal, dim=-1), F.normalize(out["abnormal2"][0], dim=-1)])
-        extras = {
-            "text_prob": float(out["text_prob"][0]),
-            "max_patch_prob_pass1": float(out["pass1"][0, 1:, 1].max()),
-            "max_patch_prob_pass2": float(out["pass2"][0, 1:, 1].max()),
-            "mode": "learned" if self.learned else "training-free",
-            "_explain_patch_features": patches[0, 1:].float().cpu().numpy().astype(np.float32),
-            "_explain_prompt_features": prompt_features.float().cpu().numpy().astype(np.float32),
-        }
-        return DetectionResult(
-            method=self.name,
-            score=float(out["score"][0]),
-            anomaly_map=anomaly_map.astype(np.float32, copy=False),
-            raw_map=raw_map.astype(np.float32, copy=False),
-            timings=watch.timings,
-            extras=extras,
-            warnings=tuple(getattr(image, "warnings", ())),
-        )
+    def _score(self, encoded: tuple[torch.Tensor, torch.Tensor], batch: PreparedBatch) -> list[MethodOutput]:
+        state = self.text_state()
+        global_features, patches = encoded
+        out = self.model.score_features(global_features, patches, state)
+        normal_prompt = F.normalize(state.normal, dim=-1)
+        results = []
+        for i in range(len(batch)):
+            prompt_features = torch.cat([normal_prompt, F.normalize(out["abnormal2"][i], dim=-1)])
+            extras = {
+                "text_prob": float(out["text_prob"][i]),
+                "max_patch_prob_pass1": float(out["pass1"][i, 1:, 1].max()),
+                "max_patch_prob_pass2": float(out["pass2"][i, 1:, 1].max()),
+                "mode": self.mode,
+            }
+            evidence = PromptEvidence(
+                patch_features=patches[i, 1:].float().cpu().numpy().astype(np.float32),
+                prompt_features=prompt_features.float().cpu().numpy().astype(np.float32),
+            )
+            raw_map = out["map"][i].reshape(self.grid).float().cpu().numpy().astype(np.float32)
+            results.append(MethodOutput(float(out["score"][i]), raw_map, extras, evidence))
+        return results
 
     # -- inspection ----------------------------------------------------------------------
-    def explain(self, result: DetectionResult, x: int, y: int) -> dict[str, Any]:
-        """The patch under pixel (x, y) of the query, its ``raw_map`` value and the cosine of
-        its (V-V) feature with the normal prompt and each abnormal prompt (pass-2 features)."""
-        height, width = result.anomaly_map.shape
-        geometry = input_geometry(height, width, self.image_size, "squash")
-        row, col = maps.pixel_to_patch(geometry, self.grid, x, y)
-        patch = result.extras["_explain_patch_features"][row * self.grid[1] + col]
-        prompts = result.extras["_explain_prompt_features"]
-        cosines = prompts @ patch
-        similarities = {"normal": float(cosines[0])}
-        similarities.update({f"abnormal_{j}": float(cosines[j]) for j in range(1, len(cosines))})
-        return {
-            "patch": (int(row), int(col)),
-            "box": maps.patch_box(geometry, self.grid, row, col),
-            "value": float(result.raw_map[row, col]),
-            "prompt_similarities": similarities,
-        }
+    def prompt_label(self, index: int) -> str:
+        """Readable name of prompt ``index`` (0 = normal): "abnormal 3 (hole)" in word mode."""
+        if index == 0:
+            return "normal"
+        phrase = f" ({WORD_ABNORMALITY_PHRASES[index - 1]})" if not self.learned and index <= len(WORD_ABNORMALITY_PHRASES) else ""
+        return f"abnormal {index}{phrase}"
+
+    def _explain_patch(self, result: DetectionResult, row: int, col: int, query_box: Box) -> Explanation:
+        """The cosine of the patch's V-V feature with the normal prompt and each abnormal
+        prompt (pass-2 features)."""
+        evidence: PromptEvidence = result.evidence
+        cosines = evidence.prompt_features @ evidence.patch_features[row * self.grid[1] + col]
+        prompts = tuple(
+            PromptSimilarity("normal" if j == 0 else f"abnormal_{j}", self.prompt_label(j), float(c)) for j, c in enumerate(cosines)
+        )
+        return Explanation(patch=(row, col), value=float(result.raw_map[row, col]), query_box=query_box, prompts=prompts)

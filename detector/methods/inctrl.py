@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,18 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import maps
-from ..api import (
-    Calibration,
-    CheckpointError,
-    DetectionResult,
-    Detector,
-    ProgressCallback,
-    Stopwatch,
-)
-from ..backbone import Backbone, load_backbone, resolve_weights
-from ..checkpoints import check_keys, read_header, read_state_dict, resolve_path
+from ..backbone import Backbone
+from ..base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
+from ..calibration import Calibration
+from ..checkpoints import check_keys, read_header, read_state_dict, state_keys
+from ..errors import CheckpointError
 from ..geometry import Geometry
 from ..registry import register_method
+from ..results import Box, DetectionResult, Explanation, NearestNormalPatch
+from ..spec import MethodSpec, Option
 
 #: Official backbone: open_clip model name and pretrained tag.
 DEFAULT_BACKBONE = "ViT-B-16-plus-240"
@@ -361,7 +359,25 @@ class _NormalBank:
     tokens: torch.Tensor
     pooled: torch.Tensor
     embeddings: torch.Tensor
-    geometries: list[Geometry]
+    geometries: tuple[Geometry, ...]
+
+
+@dataclass(frozen=True)
+class InCTRLCheckpoint:
+    """What an InCTRL checkpoint holds: its header, the 44 head tensors, and whether the
+    file also carries CLIP weights (the official full files do)."""
+
+    path: Path
+    header: dict[str, Any]
+    head_state: dict[str, torch.Tensor]
+    carries_clip: bool
+
+
+@dataclass(frozen=True)
+class PatchEvidence:
+    """The query's deepest-layer patch tokens ``(N, D)``, L2-normalised (for ``explain``)."""
+
+    tokens: np.ndarray
 
 
 def _pool_normals(tokens: torch.Tensor) -> torch.Tensor:
@@ -381,151 +397,106 @@ class InCTRLDetector(Detector):
     safetensors training output.
     """
 
-    display_name = "InCTRL"
-    requires_fit = True
-    method_options = {"heads": "auto"}
+    spec = MethodSpec(
+        display_name="InCTRL",
+        default_backbone=DEFAULT_BACKBONE,
+        default_weights=DEFAULT_WEIGHTS,
+        resize="shorter",
+        default_sigma=DEFAULT_SIGMA_240,
+        sigma_reference_size=OFFICIAL_IMAGE_SIZE,
+        needs_normals=True,
+        trained_offline=True,
+        training_module="detector.training.inctrl",
+        options={
+            "heads": Option("auto", HEADS_OPTIONS, help="trained heads (auto = when a checkpoint is loaded) or the training-free score"),
+        },
+        batch_size=8,
+    )
 
-    def __init__(
-        self,
-        *,
-        backbone: str | None = None,
-        backbone_weights: str | None = None,
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        class_name: str = "object",
-        sigma: float | None = None,
-        seed: int = 0,
-        heads: str = "auto",
-    ) -> None:
-        super().__init__(device=device, class_name=class_name, sigma=sigma, seed=seed)
-        if heads not in HEADS_OPTIONS:
-            raise ValueError(f"heads must be one of {', '.join(HEADS_OPTIONS)}; got {heads!r}")
-        if heads == "trained" and checkpoint is None:
+    # -- construction hooks ---------------------------------------------------------------
+    def _validate(self) -> None:
+        if self.options["heads"] == "trained" and self.checkpoint is None:
             raise ValueError("heads='trained' needs a checkpoint with InCTRL's heads (checkpoint=PATH)")
-        self.heads_option = heads
-        self.checkpoint = str(checkpoint) if checkpoint is not None else None
-        self.header: dict[str, Any] = {}
-        self.stored_calibration: Calibration | None = None
 
-        head_state: dict[str, torch.Tensor] | None = None
-        clip_from_checkpoint = False
-        if checkpoint is not None:
-            path = resolve_path(checkpoint)
-            self.header = read_header(path)
-            if self.header and self.header.get("method", "inctrl") != "inctrl":
-                raise CheckpointError(f"{path.name} was written for method {self.header.get('method')!r}, not 'inctrl'")
-            state = read_state_dict(path)
-            head_state, clip_state = split_checkpoint(state)
-            clip_from_checkpoint = bool(clip_state)
-            if not head_state:
-                shown = ", ".join(sorted(clip_state)[:10])
-                raise CheckpointError(
-                    f"{path.name} holds no InCTRL head keys (adapter.*, diff_head.*, diff_head_ref.*); "
-                    f"found {len(clip_state)} other keys: {shown}"
-                )
-            del state, clip_state
-            if "calibration" in self.header:
-                self.stored_calibration = Calibration(**{**self.header["calibration"], "source": "stored"})
+    def _read_checkpoint(self, path: Path) -> InCTRLCheckpoint:
+        header = read_header(path)
+        if header and header.get("method", self.name) != self.name:
+            raise CheckpointError(f"{path.name} was written for method {header.get('method')!r}, not {self.name!r}")
+        head_state, clip_state = split_checkpoint(read_state_dict(path))
+        if not head_state:
+            shown = ", ".join(sorted(clip_state)[:10])
+            raise CheckpointError(
+                f"{path.name} holds no InCTRL head keys (adapter.*, diff_head.*, diff_head_ref.*); "
+                f"found {len(clip_state)} other keys: {shown}"
+            )
+        if "calibration" in header:
+            self.stored_calibration = Calibration(**{**header["calibration"], "source": "stored"})
+        return InCTRLCheckpoint(path, header, head_state, carries_clip=bool(clip_state))
 
-        model_name = backbone or self.header.get("backbone") or DEFAULT_BACKBONE
-        if clip_from_checkpoint:
-            self.backbone = load_backbone(
-                model_name, weights=str(resolve_path(checkpoint)), device=device, ignore_prefixes=HEAD_PREFIXES
+    def _backbone_choice(
+        self, backbone: str | None, backbone_weights: str | None, artefact: InCTRLCheckpoint | None
+    ) -> BackboneChoice:
+        model_name = backbone or (artefact.header.get("backbone") if artefact else None) or DEFAULT_BACKBONE
+        if artefact is not None and artefact.carries_clip:
+            return BackboneChoice(
+                model_name, str(artefact.path), ignore_prefixes=HEAD_PREFIXES, description=f"from checkpoint {self.checkpoint}"
             )
-        else:
-            weights = resolve_weights(
-                model_name, backbone_weights, default_model=DEFAULT_BACKBONE, default_weights=DEFAULT_WEIGHTS
-            )
-            self.backbone = load_backbone(model_name, weights=weights, device=device)
-        self.clip_from_checkpoint = clip_from_checkpoint
+        return super()._backbone_choice(model_name, backbone_weights, artefact)
+
+    @classmethod
+    def checkpoint_supplies_backbone(cls, path: str | Path) -> bool:
+        """True for files with keys outside the heads (the official full checkpoints)."""
+        return any(not key.startswith(HEAD_PREFIXES) for key in state_keys(path))
+
+    def _build(self, artefact: InCTRLCheckpoint | None) -> None:
+        self.header: dict[str, Any] = artefact.header if artefact else {}
+        self.clip_from_checkpoint = bool(artefact and artefact.carries_clip)
         self.blocks = block_indices(self.backbone)
-        self.image_size = self.backbone.image_size
-        rows, cols = self.backbone.grid_size
-        self.grid = (rows, cols)
-
-        from ..images import OPENAI_MEAN, OPENAI_STD, Preprocess
-
-        self.preprocess_spec = Preprocess(self.image_size, "shorter", OPENAI_MEAN, OPENAI_STD)
+        rows, cols = self.grid
         with torch.random.fork_rng(devices=[]):
             # Initial head weights from ``seed`` (training starts from them), without touching
             # the caller's global random state.
             torch.manual_seed(self.seed)
             self.heads = InCTRLHeads(self.backbone.embed_dim, rows * cols)
-        self.has_trained_heads = head_state is not None
-        if head_state is not None:
-            check_keys(head_state, head_state_shapes(self.heads), what="InCTRL's heads (adapter, diff_head, diff_head_ref)")
-            self.heads.load_state_dict({k: v.float() for k, v in head_state.items()}, strict=True)
-        self.heads.to(device).eval().requires_grad_(False)
-        self.use_heads = self.has_trained_heads and heads != "training-free"
+        self.has_trained_heads = artefact is not None
+        if artefact is not None:
+            check_keys(artefact.head_state, head_state_shapes(self.heads), what="InCTRL's heads (adapter, diff_head, diff_head_ref)")
+            self.heads.load_state_dict({k: v.float() for k, v in artefact.head_state.items()}, strict=True)
+        self.heads.to(self.device).eval().requires_grad_(False)
+        self.use_heads = self.has_trained_heads and self.options["heads"] != "training-free"
         self._bank: _NormalBank | None = None
 
-    # -- facts --------------------------------------------------------------------------
+    # -- facts ------------------------------------------------------------------------------
     @property
-    def mode(self) -> str:
-        return "trained" if self.use_heads else "training-free"
+    def is_trained(self) -> bool:
+        return self.use_heads
 
-    @property
-    def map_sigma(self) -> float:
-        """Gaussian sigma in model-input pixels: 4 px at 240 px unless ``sigma`` was given."""
-        if self.sigma is not None:
-            return float(self.sigma)
-        return DEFAULT_SIGMA_240 * self.image_size / OFFICIAL_IMAGE_SIZE
+    def _details(self) -> dict[str, Any]:
+        return {"heads": self.options["heads"], "blocks": list(self.blocks), "checkpoint_shots": self.header.get("shots")}
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "method": self.name,
-            "backbone": self.backbone.spec.model_name,
-            "backbone_weights": (
-                f"from checkpoint {self.checkpoint}" if self.clip_from_checkpoint else self.backbone.weights_description
-            ),
-            "image_size": self.image_size,
-            "checkpoint": self.checkpoint,
-            "trained": self.use_heads,
-            "mode": self.mode,
-            "heads": self.heads_option,
-            "blocks": list(self.blocks),
-            "class_name": self.class_name,
-            "sigma": self.map_sigma,
-            "num_normals": self.num_normals,
-            "checkpoint_shots": self.header.get("shots"),
-        }
+    def _result_warnings(self) -> tuple[str, ...]:
+        shots = self.header.get("shots")
+        if shots is not None and int(shots) != self.num_normals:
+            return (
+                f"the InCTRL checkpoint was trained with {int(shots)} normal images per query, "
+                f"{self.num_normals} are fitted",
+            )
+        return ()
 
-    # -- fit / predict ----------------------------------------------------------------------
-    def _preprocess(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[Geometry]]:
-        from ..images import preprocess
-
-        tensors, geometries = [], []
-        for image in images:
-            tensor, geometry = preprocess(image, self.preprocess_spec)
-            tensors.append(tensor)
-            geometries.append(geometry)
-        return torch.stack(tensors).to(self.backbone.device), geometries
-
-    def _fit(self, images: list, progress: ProgressCallback | None) -> None:
-        batch, geometries = self._preprocess(images)
+    # -- fit / predict hooks ----------------------------------------------------------------
+    def _fit(self, normals: PreparedBatch, progress: ProgressCallback | None) -> None:
         if progress is not None:
             progress(0.1, "encoding normal images")
         with torch.inference_mode():
-            tokens, embeddings = encode_images(self.backbone, batch, self.blocks)
+            tokens, embeddings = self._encode(normals)
             text_prior_features(self.backbone, self.class_name)
-        self._bank = _NormalBank(tokens=tokens, pooled=_pool_normals(tokens), embeddings=embeddings, geometries=geometries)
+        self._bank = _NormalBank(tokens=tokens, pooled=_pool_normals(tokens), embeddings=embeddings, geometries=normals.geometries)
 
-    def _predict(self, image) -> DetectionResult:
-        return self._predict_loaded([image])[0]
+    def _encode(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens (B, L, N, D), embeddings (B, E))`` from one vision forward."""
+        return encode_images(self.backbone, batch.pixels, self.blocks)
 
-    def predict_batch(self, query_images: Sequence[Any]) -> list[DetectionResult]:
-        """Score several queries with one vision forward per chunk of 8; each result equals
-        ``predict`` on that query alone (queries never see each other)."""
-        from ..images import load_image
-
-        self._check_ready()
-        loaded = [load_image(image) for image in query_images]
-        results: list[DetectionResult] = []
-        for start in range(0, len(loaded), 8):
-            results.extend(self._predict_loaded(loaded[start : start + 8]))
-        return results
-
-    def _score(
+    def _scores(
         self, tokens: torch.Tensor, embeddings: torch.Tensor, normal_pooled: torch.Tensor, normal_embeddings: torch.Tensor
     ) -> tuple[InCTRLScores | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(head outputs or None, M (B, N), text_score (B,), score (B,))`` for independent queries."""
@@ -537,36 +508,19 @@ class InCTRLDetector(Detector):
             return outputs, patch_map, text_score, outputs.score
         return None, patch_map, text_score, training_free_score(text_score, patch_map.max(dim=1).values)
 
-    def _predict_loaded(self, images: list) -> list[DetectionResult]:
+    def _score(self, encoded: tuple[torch.Tensor, torch.Tensor], batch: PreparedBatch) -> list[MethodOutput]:
         assert self._bank is not None
-        watch = Stopwatch()
-        with torch.inference_mode():
-            with watch("encode"):
-                batch, geometries = self._preprocess(images)
-                tokens, embeddings = encode_images(self.backbone, batch, self.blocks)
-            with watch("score"):
-                outputs, patch_map, text_score, score = self._score(
-                    tokens, embeddings, self._bank.pooled, self._bank.embeddings
-                )
+        tokens, embeddings = encoded
+        outputs, patch_map, text_score, score = self._scores(tokens, embeddings, self._bank.pooled, self._bank.embeddings)
         results = []
-        share = {k: v / len(images) for k, v in watch.timings.items()}
-        for i, (image, geometry) in enumerate(zip(images, geometries)):
-            post = Stopwatch()
-            with post("post"):
-                raw_map = patch_map[i].reshape(self.grid).cpu().numpy().astype(np.float32)
-                anomaly_map = maps.upsample_map(raw_map, geometry, sigma=self.map_sigma)
-                extras = self._extras(i, outputs, text_score, raw_map)
-                extras["_explain_tokens"] = tokens[i, -1].cpu().numpy().astype(np.float32)
-                extras["_geometry"] = geometry
+        for i in range(len(batch)):
+            raw_map = patch_map[i].reshape(self.grid).cpu().numpy().astype(np.float32)
             results.append(
-                DetectionResult(
-                    method=self.name,
+                MethodOutput(
                     score=float(score[i]),
-                    anomaly_map=anomaly_map.astype(np.float32),
                     raw_map=raw_map,
-                    timings={**share, **post.timings},
-                    extras=extras,
-                    warnings=tuple(getattr(image, "warnings", ())) + self._checkpoint_warnings(),
+                    extras=self._extras(i, outputs, text_score, raw_map),
+                    evidence=PatchEvidence(tokens[i, -1].cpu().numpy().astype(np.float32)),
                 )
             )
         return results
@@ -582,57 +536,39 @@ class InCTRLDetector(Detector):
             extras["holistic_map"] = (raw_map + np.float32(text_score[i])).astype(np.float32)
         return extras
 
-    def _checkpoint_warnings(self) -> tuple[str, ...]:
-        shots = self.header.get("shots")
-        if shots is not None and int(shots) != self.num_normals:
-            return (
-                f"the InCTRL checkpoint was trained with {int(shots)} normal images per query, "
-                f"{self.num_normals} are fitted",
-            )
-        return ()
-
     # -- calibration and explanations ---------------------------------------------------------
-    def leave_one_out(self) -> list[tuple[float, np.ndarray]] | None:
-        """Each fitted normal scored against the other ones, from cached features.
-
-        Returns ``[(score, anomaly_map at that normal's original size)]``, or ``None`` for k < 2.
-        """
+    def _leave_one_out(self) -> list[MethodOutput] | None:
+        """Each fitted normal scored against the other ones, from cached features."""
         bank = self._bank
         if bank is None or len(bank.geometries) < 2:
             return None
         out = []
-        with torch.inference_mode():
-            for i, geometry in enumerate(bank.geometries):
-                others = [j for j in range(len(bank.geometries)) if j != i]
-                _, patch_map, _, score = self._score(
-                    bank.tokens[i : i + 1], bank.embeddings[i : i + 1], _pool_normals(bank.tokens[others]), bank.embeddings[others]
-                )
-                raw_map = patch_map[0].reshape(self.grid).cpu().numpy().astype(np.float32)
-                out.append((float(score[0]), maps.upsample_map(raw_map, geometry, sigma=self.map_sigma)))
+        for i in range(len(bank.geometries)):
+            others = [j for j in range(len(bank.geometries)) if j != i]
+            _, patch_map, _, score = self._scores(
+                bank.tokens[i : i + 1], bank.embeddings[i : i + 1], _pool_normals(bank.tokens[others]), bank.embeddings[others]
+            )
+            out.append(MethodOutput(float(score[0]), patch_map[0].reshape(self.grid).cpu().numpy().astype(np.float32)))
         return out
 
-    def explain(self, result: DetectionResult, x: int, y: int) -> dict[str, Any]:
-        """The patch under pixel (x, y) of the query, its ``raw_map`` value and its nearest
-        normal patch in the deepest layer used (highest cosine; ties -> lowest normal index,
-        then lowest patch index)."""
+    def _explain_patch(self, result: DetectionResult, row: int, col: int, query_box: Box) -> Explanation:
+        """The nearest normal patch in the deepest layer used (highest cosine; ties -> lowest
+        normal index, then lowest patch index)."""
         bank = self._bank
         if bank is None:
             raise RuntimeError("call fit() with normal images first")
-        geometry: Geometry = result.extras["_geometry"]
-        row, col = maps.pixel_to_patch(geometry, self.grid, x, y)
-        query = np.asarray(result.extras["_explain_tokens"], dtype=np.float32)[row * self.grid[1] + col]
+        query = np.asarray(result.evidence.tokens, dtype=np.float32)[row * self.grid[1] + col]
         normals = bank.tokens[:, -1].cpu().numpy().astype(np.float32)  # (k, N, D), normalised
         query = query / np.linalg.norm(query)
         similarity = normals.reshape(-1, normals.shape[-1]) @ query  # (k*N,)
         best = int(np.argmax(similarity))  # first maximum: lowest normal, then lowest patch
         normal_index, patch = divmod(best, normals.shape[1])
         normal_row, normal_col = divmod(patch, self.grid[1])
-        return {
-            "patch": (row, col),
-            "value": float(result.raw_map[row, col]),
-            "normal_index": normal_index,
-            "normal_patch": (normal_row, normal_col),
-            "box": maps.patch_box(bank.geometries[normal_index], self.grid, normal_row, normal_col),
-            "similarity": float(similarity[best]),
-            "layer": self.blocks[-1],
-        }
+        nearest = NearestNormalPatch(
+            normal_index=normal_index,
+            patch=(normal_row, normal_col),
+            box=maps.patch_box(bank.geometries[normal_index], self.grid, normal_row, normal_col),
+            similarity=float(similarity[best]),
+            layer=self.blocks[-1],
+        )
+        return Explanation(patch=(row, col), value=float(result.raw_map[row, col]), query_box=query_box, nearest=nearest)

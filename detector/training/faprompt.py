@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import datasets
-from ..backbone import TINY_TEST, load_backbone, resolve_weights
+from ..backbone import load_backbone
+from ..weights import TINY_TEST, resolve_default_weights
 from ..checkpoints import read_header, read_state_dict, save_safetensors
 from ..cli import add_common_arguments
 from ..methods import faprompt as fp
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> Path:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_name = args.backbone or fp.DEFAULT_BACKBONE
-    weights = resolve_weights(model_name, args.backbone_weights, default_model=fp.DEFAULT_BACKBONE, default_weights=fp.DEFAULT_WEIGHTS)
+    weights = resolve_default_weights(model_name, args.backbone_weights, default_model=fp.DEFAULT_BACKBONE, default_weights=fp.DEFAULT_WEIGHTS)
     size = int(args.image_size or fp.method_image_size(model_name))
     quick_gelu = True if model_name in (fp.DEFAULT_BACKBONE, TINY_TEST) else None
     backbone = load_backbone(model_name, weights, image_size=size, device=args.device, quick_gelu=quick_gelu)
@@ -308,7 +309,7 @@ def run(args: argparse.Namespace) -> Path:
     cache = FeatureCache(model, spec, backbone.device, args.feature_cache_mb)
     masks: dict[Path, torch.Tensor] = {}
     base_header = {
-        "method": "faprompt",
+        "method": fp.FAPromptDetector.name,
         "format": 1,
         "backbone": model_name,
         "backbone_weights": backbone.weights_description,

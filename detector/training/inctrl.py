@@ -169,7 +169,7 @@ class FeatureCache:
         for path in dict.fromkeys(p for p in paths if p not in self.entries):
             # One image per forward, as at inference: the features do not depend on which
             # other images happen to be encoded at the same time (exact resumes).
-            batch, _ = self.detector._preprocess([load_image(path)])
+            batch = self.detector.prepare([load_image(path)]).pixels
             with torch.no_grad():
                 tokens, embeddings = encode_images(self.detector.backbone, batch, self.detector.blocks)
             self.entries[path] = (tokens[0].clone(), embeddings[0].clone())
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> Path:
     from tqdm import tqdm
 
     from .. import create_detector
-    from ..methods.inctrl import checkpoint_header
+    from ..methods.inctrl import InCTRLDetector, checkpoint_header
 
     if not MIN_NORMAL_IMAGES <= args.shots <= MAX_NORMAL_IMAGES:
         raise ValueError(f"--shots must be between {MIN_NORMAL_IMAGES} and {MAX_NORMAL_IMAGES}, got {args.shots}")
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     detector = create_detector(
-        "inctrl",
+        InCTRLDetector.name,
         backbone=args.backbone,
         backbone_weights=args.backbone_weights,
         checkpoint=args.checkpoint,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from detector import create_detector
-from detector.api import CheckpointError
+from detector.errors import CheckpointError
 from detector.backbone import load_backbone
 from detector import synthetic
 from detector.methods import faprompt as fp
@@ -305,9 +305,9 @@ def test_explain(learned_file, queries):
     assert info["value"] == pytest.approx(float(result.raw_map[0, 11]))
     sims = info["prompt_similarities"]
     assert list(sims) == ["normal"] + [f"abnormal_{j}" for j in range(1, 11)]
-    features = result.extras["_explain_patch_features"]
+    features = result.evidence.patch_features
     assert features.dtype == np.float32 and features.shape == (144, 64)
-    prompts = torch.from_numpy(result.extras["_explain_prompt_features"])
+    prompts = torch.from_numpy(result.evidence.prompt_features)
     assert torch.allclose(prompts.norm(dim=-1), torch.ones(11), atol=1e-5)
     assert all(-1.0 <= v <= 1.0 for v in sims.values())
     # the stored features are the ones the map came from: the normal-prompt cosine of every

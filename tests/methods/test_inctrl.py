@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detector import create_detector
-from detector.api import CheckpointError
+from detector.errors import CheckpointError
 from detector.backbone import load_backbone
 from detector.checkpoints import save_safetensors
 from detector.images import preprocess
@@ -300,7 +300,7 @@ def test_explain_on_a_copy_of_a_normal_points_at_that_normal(fitted):
     images = normals()
     copy = images[1].copy()
     result = fitted.predict(copy)
-    geometry = result.extras["_geometry"]
+    geometry = result.geometry
     for x, y in [(5, 5), (40, 30), (90, 70)]:
         info = fitted.explain(result, x, y)
         row, col = info["patch"]
@@ -316,7 +316,7 @@ def test_explain_matches_a_brute_force_search(fitted):
     result = fitted.predict(query())
     info = fitted.explain(result, 30, 20)
     row, col = info["patch"]
-    q = result.extras["_explain_tokens"][row * 8 + col].astype(np.float64)
+    q = result.evidence.tokens[row * 8 + col].astype(np.float64)
     best, where = -2.0, None
     for k, tokens in enumerate(fitted._bank.tokens[:, -1].numpy().astype(np.float64)):
         for p, n in enumerate(tokens):
@@ -355,5 +355,5 @@ def test_real_architecture_at_random_init_runs_end_to_end():
     result = detector.fit(normals(2, (240, 320))).predict(query((300, 240)))
     assert result.raw_map.shape == (15, 15) and result.anomaly_map.shape == (300, 240)
     assert 0.0 <= result.score <= 1.0
-    assert result.extras["_explain_tokens"].shape == (225, 896)
+    assert result.evidence.tokens.shape == (225, 896)
     assert detector.describe()["sigma"] == 4.0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...api import Stopwatch
+from ...timing import Stopwatch
 from .anomalies import latent_noise, latent_patch_mask, pixel_anomaly
 from .config import AnoPLeConfig
 from .decoder import GLOBAL_VIEW, LOCAL_VIEW
