@@ -499,7 +499,7 @@ class InspectionService:
                 warnings.append(entry.weights_fallback)
             elif is_meaningless(entry.description):
                 warnings.append("backbone runs on random weights: scores and maps are meaningless")
-            if not entry.description.get("trained", True) and entry.description.get("mode") == "training-free":
+            if cls.spec.trained_offline and not entry.description.get("trained", True):
                 warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
             outcomes.append(
                 MethodOutcome(
