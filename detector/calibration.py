@@ -98,12 +98,4 @@ def calibration_from_normals(
         pixel_threshold = float(pixel_values.max()) + margin * (pixel_max - pixel_min)
     else:
         pixel_min, pixel_max, pixel_threshold = default.pixel_min, default.pixel_max, default.pixel_threshold
-    return Calibration(
-        image_min=image_min,
-        image_max=image_max,
-        image_threshold=image_threshold,
-        pixel_min=pixel_min,
-        pixel_max=pixel_max,
-        pixel_threshold=pixel_threshold,
-        source=source,
-    )
+    return Calibration(image_min, image_max, image_threshold, pixel_min, pixel_max, pixel_threshold, source)
