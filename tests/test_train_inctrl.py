@@ -10,7 +10,7 @@ import torch
 from detector import create_detector
 from detector.checkpoints import read_header, read_state_dict
 from detector.synthetic import write_mvtec_dataset
-from detector.training import inctrl as training
+from detector.methods.inctrl import train as training
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,50 @@ def training_head_keys() -> list[str]:
 def test_cli_rejects_odd_batches(dataset, tmp_path):
     with pytest.raises(ValueError, match="batch-size"):
         train(dataset, tmp_path / "x.safetensors", "--batch-size", "7")
+
+
+def test_training_scores_and_loss_come_from_the_inference_forward(dataset, tmp_path):
+    """One code path: a training batch (each query with its own shots and category) scores
+    exactly as ``predict`` scores each query after ``fit`` on its shots, and the training loss
+    is the official loss of those scores."""
+    import random
+
+    from detector.checkpoints import save_safetensors
+    from detector.methods.inctrl import InCTRLHeads
+
+    generator = torch.Generator().manual_seed(5)
+    state = {}
+    for name, value in InCTRLHeads(64, 64).state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(3)
+        elif name.endswith("running_var"):
+            state[name] = 0.5 + torch.rand(value.shape, generator=generator)
+        else:
+            state[name] = 0.3 * torch.randn(value.shape, generator=generator)
+    file = save_safetensors(tmp_path / "heads.safetensors", state, {"method": "inctrl", "backbone": "tiny-test"})
+
+    data = training.collect_training_data("mvtec", dataset)
+    queries = data.normals[:1] + data.normals[-1:] + data.anomalies[:1] + data.anomalies[-1:]
+    assert {q.category for q in queries} == {"blobs", "grating"}
+    rng = random.Random(0)
+    shots = [rng.sample(data.pools[q.category], 2) for q in queries]
+    labels = torch.tensor([float(q.label) for q in queries])
+
+    trained = create_detector("inctrl", checkpoint=str(file), backbone_weights="random")
+    cache = training.FeatureCache(trained, 2**28)
+    with torch.no_grad():
+        scores = training.batch_scores(trained.model, trained.backbone, cache, queries, shots)
+        loss = training.batch_loss(scores, labels)
+
+    expected_score, expected_residual = [], []
+    for item, group in zip(queries, shots):
+        det = create_detector("inctrl", checkpoint=str(file), backbone_weights="random", class_name=item.category)
+        result = det.fit(group).predict(item.image)
+        expected_score.append(result.score)
+        expected_residual.append(result.extras["image_residual_score"])
+    torch.testing.assert_close(scores.score, torch.tensor(expected_score), rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores.image_residual_score, torch.tensor(expected_residual), rtol=0, atol=1e-6)
+    expected_loss = training.binary_focal_loss(torch.tensor(expected_score), labels) + training.binary_focal_loss(
+        torch.tensor(expected_residual), labels
+    )
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)

@@ -17,7 +17,9 @@ from detector.backbone import load_backbone
 from detector.checkpoints import save_safetensors
 from detector.images import preprocess
 from detector.maps import patch_box
+from detector.calibration import Calibration
 from detector.methods import inctrl
+from detector.methods.inctrl import model as inctrl_model
 from detector.synthetic import add_defect, texture
 
 TINY = {"backbone": "tiny-test", "backbone_weights": "random"}
@@ -135,13 +137,13 @@ def test_batch_equals_one_by_one(fitted):
 
 def test_text_features_are_encoded_once_per_class_name(monkeypatch):
     calls = []
-    original = inctrl.encode_texts
+    original = inctrl_model.encode_texts
 
     def counting(backbone, texts):
         calls.append(len(texts))
         return original(backbone, texts)
 
-    monkeypatch.setattr(inctrl, "encode_texts", counting)
+    monkeypatch.setattr(inctrl_model, "encode_texts", counting)
     detector = create_detector("inctrl", class_name="counted_widget", **TINY).fit(normals(2))
     for i in range(4):
         detector.predict(query(index=70 + i))
@@ -242,7 +244,7 @@ def test_own_training_output_loads_with_header(tmp_path):
             backbone="tiny-test",
             shots=4,
             epoch=6,
-            calibration=inctrl.Calibration(0.0, 1.0, 0.4, 0.0, 1.0, 0.3, "validation"),
+            calibration=Calibration(0.0, 1.0, 0.4, 0.0, 1.0, 0.3, "validation"),
         ),
     )
     detector = create_detector("inctrl", checkpoint=str(file), backbone_weights="random")

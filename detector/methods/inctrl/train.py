@@ -40,10 +40,14 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import datasets
-from ..checkpoints import read_header, save_safetensors
-from ..cli import add_common_arguments
-from ..limits import MAX_NORMAL_IMAGES, MIN_NORMAL_IMAGES
+from ... import datasets
+from ...backbone import Backbone
+from ...checkpoints import read_header, save_safetensors
+from ...cli import add_common_arguments
+from ...limits import MAX_NORMAL_IMAGES, MIN_NORMAL_IMAGES
+from .checkpoint import checkpoint_header
+from .detector import InCTRLDetector
+from .model import InCTRLModel, InCTRLScores, pool_normals, text_prior_features, text_prior_score
 
 #: Official recipe defaults.
 EPOCHS = 10
@@ -155,7 +159,7 @@ class FeatureCache:
     once ``max_bytes`` is exceeded.
     """
 
-    def __init__(self, detector, max_bytes: float) -> None:
+    def __init__(self, detector: InCTRLDetector, max_bytes: float) -> None:
         self.detector = detector
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -163,15 +167,13 @@ class FeatureCache:
 
     def get(self, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens (B, L, N, D), embeddings (B, E))`` for ``paths``, encoding the missing ones."""
-        from ..images import load_image
-        from ..methods.inctrl import encode_images
+        from ...images import load_image
 
         for path in dict.fromkeys(p for p in paths if p not in self.entries):
-            # One image per forward, as at inference: the features do not depend on which
-            # other images happen to be encoded at the same time (exact resumes).
-            batch = self.detector.prepare([load_image(path)]).pixels
+            # One image per forward, as at inference (the detector's own encoder hook): the
+            # features do not depend on which other images are encoded at the same time.
             with torch.no_grad():
-                tokens, embeddings = encode_images(self.detector.backbone, batch, self.detector.blocks)
+                tokens, embeddings = self.detector._encode(self.detector.prepare([load_image(path)]))
             self.entries[path] = (tokens[0].clone(), embeddings[0].clone())
             self.bytes += (tokens.numel() + embeddings.numel()) * tokens.element_size()
         out = [self.entries[p] for p in paths]
@@ -186,25 +188,34 @@ class FeatureCache:
 # -- one step ---------------------------------------------------------------------------------------
 
 
-def batch_scores(detector, cache: FeatureCache, queries: Sequence[TrainingItem], shots: Sequence[Sequence[Path]]):
-    """Head outputs for a batch of independent queries, each with its own normals."""
-    from ..methods.inctrl import text_prior_features, text_prior_score
-
+def batch_scores(
+    model: InCTRLModel,
+    backbone: Backbone,
+    cache: FeatureCache,
+    queries: Sequence[TrainingItem],
+    shots: Sequence[Sequence[Path]],
+) -> InCTRLScores:
+    """``InCTRLModel``'s forward (the one inference runs) on a batch of independent queries,
+    each against its own k normals and with its own category's text prior."""
     query_tokens, query_embeddings = cache.get([q.image for q in queries])
     k = len(shots[0])
     normal_tokens, normal_embeddings = cache.get([p for group in shots for p in group])
-    batch, layers, patches, width = query_tokens.shape
-    normal_tokens = normal_tokens.reshape(batch, k, layers, patches, width).permute(0, 2, 1, 3, 4)
-    normal_tokens = normal_tokens.reshape(batch * layers, k * patches, width)
-    similarity = torch.bmm(query_tokens.reshape(batch * layers, patches, width), normal_tokens.transpose(1, 2))
-    patch_map = (0.5 * (1 - similarity)).min(dim=-1).values.reshape(batch, layers, patches).mean(dim=1)
-    text_score = torch.empty(batch)
+    batch = len(queries)
+    normal_tokens = pool_normals(normal_tokens.reshape(batch, k, *normal_tokens.shape[1:]))  # (B, L, k*N, D)
     with torch.no_grad():
-        for i, item in enumerate(queries):
-            features = text_prior_features(detector.backbone, item.category)
-            text_score[i] = text_prior_score(query_embeddings[i : i + 1], features)[0]
-    normal_embeddings = normal_embeddings.reshape(batch, k, -1)
-    return detector.heads(query_embeddings, normal_embeddings, patch_map, text_score.to(query_embeddings))
+        text_score = torch.cat(
+            [text_prior_score(query_embeddings[i : i + 1], text_prior_features(backbone, q.category)) for i, q in enumerate(queries)]
+        )
+    return model(query_tokens, query_embeddings, normal_tokens, normal_embeddings.reshape(batch, k, -1), text_score)
+
+
+def batch_loss(scores: InCTRLScores, labels: torch.Tensor, *, focal_on_probabilities: bool = True) -> torch.Tensor:
+    """The official loss: focal loss on the final score plus focal loss on the image residual score."""
+    if scores.image_residual_score is None:
+        raise ValueError("training needs the heads in use (heads='trained' or 'auto')")
+    return binary_focal_loss(scores.score, labels, logits=focal_on_probabilities) + binary_focal_loss(
+        scores.image_residual_score, labels, logits=focal_on_probabilities
+    )
 
 
 # -- checkpoint files -------------------------------------------------------------------------------
@@ -260,8 +271,7 @@ def run(args: argparse.Namespace) -> Path:
     """Train and write the heads; returns the path of ``--out``."""
     from tqdm import tqdm
 
-    from .. import create_detector
-    from ..methods.inctrl import InCTRLDetector, checkpoint_header
+    from ... import create_detector
 
     if not MIN_NORMAL_IMAGES <= args.shots <= MAX_NORMAL_IMAGES:
         raise ValueError(f"--shots must be between {MIN_NORMAL_IMAGES} and {MAX_NORMAL_IMAGES}, got {args.shots}")
@@ -284,6 +294,7 @@ def run(args: argparse.Namespace) -> Path:
     )
     heads = detector.heads
     heads.requires_grad_(True).train()
+    model = InCTRLModel(heads, use_heads=True)  # the inference forward, with the heads being trained
     optimizer = torch.optim.AdamW(heads.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
     data = collect_training_data(args.dataset, args.root, args.categories)
@@ -296,7 +307,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.resume:
         done = last_complete_epoch(out)
         if done:
-            from ..checkpoints import read_state_dict
+            from ...checkpoints import read_state_dict
 
             heads.load_state_dict(read_state_dict(epoch_file(out, done)))
             losses = load_optimizer(optimizer_file(out, done), optimizer, rng)
@@ -315,11 +326,7 @@ def run(args: argparse.Namespace) -> Path:
             queries = [next(normal_stream) for _ in range(half)] + [next(anomaly_stream) for _ in range(half)]
             shots = [rng.sample(data.pools[q.category], args.shots) for q in queries]
             labels = torch.tensor([float(q.label) for q in queries])
-            outputs = batch_scores(detector, cache, queries, shots)
-            logits = args.focal_on_probabilities
-            loss = binary_focal_loss(outputs.score, labels, logits=logits) + binary_focal_loss(
-                outputs.image_residual_score, labels, logits=logits
-            )
+            loss = batch_loss(batch_scores(model, detector.backbone, cache, queries, shots), labels, focal_on_probabilities=args.focal_on_probabilities)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

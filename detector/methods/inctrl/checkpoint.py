@@ -1,0 +1,81 @@
+"""What InCTRL knows about its checkpoint files (README "InCTRL", official checkpoints).
+
+The official files are ``torch.save``d flat state dicts of 345 keys: the CLIP
+``ViT-B-16-plus-240`` weights plus the 44 head keys under ``adapter.``, ``diff_head.`` and
+``diff_head_ref.`` (sometimes nested under ``model_state``). Our own training output holds the
+head keys alone, as safetensors with a JSON header (``checkpoint_header``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...calibration import Calibration
+from ...checkpoints import read_header, read_state_dict, state_keys
+from ...errors import CheckpointError
+from .model import InCTRLHeads
+
+#: Registered name (the ``method`` field of our checkpoint headers).
+METHOD_NAME = "inctrl"
+#: Key prefixes of the learned parts inside an official checkpoint.
+HEAD_PREFIXES = ("adapter.", "diff_head.", "diff_head_ref.")
+
+
+@dataclass(frozen=True)
+class InCTRLCheckpoint:
+    """What an InCTRL checkpoint holds: its header, the 44 head tensors, whether the file
+    also carries CLIP weights (the official full files do), and a stored calibration."""
+
+    path: Path
+    header: dict[str, Any]
+    head_state: dict[str, torch.Tensor]
+    carries_clip: bool
+    calibration: Calibration | None = None
+
+
+def head_state_shapes(heads: InCTRLHeads) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in heads.state_dict().items()}
+
+
+def split_checkpoint(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(head keys, other keys)`` of a checkpoint state dict."""
+    heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    others = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    return heads, others
+
+
+def checkpoint_header(
+    *, backbone: str, shots: int, epoch: int, calibration: Calibration | None = None, **extra: Any
+) -> dict[str, Any]:
+    """JSON header of our own InCTRL training output."""
+    header: dict[str, Any] = {"method": METHOD_NAME, "backbone": backbone, "shots": int(shots), "epoch": int(epoch)}
+    if calibration is not None:
+        header["calibration"] = calibration.to_dict()
+    header.update(extra)
+    return header
+
+
+def read_checkpoint(path: Path) -> InCTRLCheckpoint:
+    """Read an official or own InCTRL file; ``CheckpointError`` for another method's file or
+    a file without head keys."""
+    header = read_header(path)
+    if header and header.get("method", METHOD_NAME) != METHOD_NAME:
+        raise CheckpointError(f"{path.name} was written for method {header.get('method')!r}, not {METHOD_NAME!r}")
+    head_state, clip_state = split_checkpoint(read_state_dict(path))
+    if not head_state:
+        shown = ", ".join(sorted(clip_state)[:10])
+        raise CheckpointError(
+            f"{path.name} holds no InCTRL head keys (adapter.*, diff_head.*, diff_head_ref.*); "
+            f"found {len(clip_state)} other keys: {shown}"
+        )
+    calibration = Calibration(**{**header["calibration"], "source": "stored"}) if "calibration" in header else None
+    return InCTRLCheckpoint(path, header, head_state, carries_clip=bool(clip_state), calibration=calibration)
+
+
+def carries_clip_weights(path: str | Path) -> bool:
+    """True for files with keys outside the heads (the official full checkpoints)."""
+    return any(not key.startswith(HEAD_PREFIXES) for key in state_keys(path))
