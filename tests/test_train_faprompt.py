@@ -10,7 +10,7 @@ from detector import create_detector
 from detector.checkpoints import read_header
 from detector.synthetic import write_mvtec_dataset
 from detector.train import build_parser
-from detector.training import faprompt as training
+from detector.methods.faprompt import train as training
 
 
 
@@ -83,3 +83,40 @@ def test_start_from_checkpoint_into_folder(dataset, tmp_path):
 
     a, b = read_state_dict(first), read_state_dict(second)
     assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the starting weights are kept
+
+
+def test_training_loss_comes_from_the_inference_forward(dataset, tmp_path):
+    """One code path: the training batch loss is computed from the same ``FAPromptModel``
+    forward ``predict`` runs. Its image terms equal the official losses of ``predict``'s own
+    outputs, and features from the training cache equal the detector's encoder hook's."""
+    from detector.checkpoints import save_safetensors
+    from detector.images import load_image
+    from detector.methods.faprompt import FAPromptLearner
+    from detector.backbone import load_backbone
+
+    backbone = load_backbone("tiny-test", "random", image_size=96, quick_gelu=True)
+    learner = FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=4)
+    file = save_safetensors(tmp_path / "learner.safetensors", learner.state_dict(), {"method": "faprompt"})
+    det = create_detector("faprompt", backbone="tiny-test", checkpoint=str(file))
+    items = training.collect_items("mvtec", dataset, None)[::2]
+    assert {item.label for item in items} == {0, 1}
+    paths = [item.image for item in items]
+    labels = torch.tensor([item.label for item in items])
+    gt = torch.stack([training.mask_tensor(item, det.image_size) for item in items])
+
+    cache = training.FeatureCache(det.model, det.preprocess_spec, det.backbone.device, 64)
+    with torch.no_grad():
+        cached = cache.get(paths)
+        encoded = det._encode(det.prepare([load_image(p) for p in paths]))
+        for a, b in zip(cached, encoded):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        total, parts = training.batch_loss(det.model, *cached, labels, gt, det.image_size, det.grid)
+        again, _ = training.batch_loss(det.model, *encoded, labels, gt, det.image_size, det.grid)
+    assert float(total) == pytest.approx(float(again), rel=1e-6)
+
+    results = [det.predict(path) for path in paths]
+    scores = torch.tensor([r.score for r in results])
+    text_prob = torch.tensor([r.extras["text_prob"] for r in results])
+    assert parts["img2"] == pytest.approx(float(training.binary_focal_loss_logits(scores, labels.float())), rel=1e-5)
+    likelihood = torch.where(labels == 1, text_prob, 1 - text_prob)
+    assert parts["img"] == pytest.approx(float(-likelihood.log().mean()), rel=1e-4)

@@ -39,12 +39,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import datasets
-from ..backbone import load_backbone
-from ..weights import TINY_TEST, resolve_default_weights
-from ..checkpoints import read_header, read_state_dict, save_safetensors
-from ..cli import add_common_arguments
-from ..methods import faprompt as fp
+from ... import datasets
+from ...backbone import load_backbone
+from ...checkpoints import read_header, read_state_dict, save_safetensors
+from ...cli import add_common_arguments
+from ...weights import resolve_default_weights
+from . import config as fp_config
+from .detector import FAPromptDetector
+from .encoders import method_image_size, quick_gelu_for
+from .learner import FAPromptLearner, load_learner_state
+from .model import FAPromptModel
 
 #: Official recipe defaults (train.sh / train.py).
 EPOCHS = 15
@@ -175,7 +179,7 @@ def mask_tensor(item: TrainingItem, size: int) -> torch.Tensor:
 class FeatureCache:
     """Vision features per image, computed once (the backbone is frozen), within a byte budget."""
 
-    def __init__(self, model: fp.FAPromptModel, spec, device: torch.device, budget_mb: float) -> None:
+    def __init__(self, model: FAPromptModel, spec, device: torch.device, budget_mb: float) -> None:
         self.model = model
         self.spec = spec
         self.device = device
@@ -184,7 +188,7 @@ class FeatureCache:
         self.entries: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..images import load_image, preprocess
+        from ...images import load_image, preprocess
 
         missing = [p for p in paths if p not in self.entries]
         computed: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -237,7 +241,7 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
 
 
 def batch_loss(
-    model: fp.FAPromptModel,
+    model: FAPromptModel,
     global_features: torch.Tensor,
     patches: torch.Tensor,
     labels: torch.Tensor,
@@ -272,33 +276,32 @@ def run(args: argparse.Namespace) -> Path:
     """Train and write the checkpoint; returns its path."""
     from tqdm import tqdm
 
-    from ..images import OPENAI_MEAN, OPENAI_STD, Preprocess
+    from ...images import OPENAI_MEAN, OPENAI_STD, Preprocess
 
     seed = int(args.seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model_name = args.backbone or fp.DEFAULT_BACKBONE
-    weights = resolve_default_weights(model_name, args.backbone_weights, default_model=fp.DEFAULT_BACKBONE, default_weights=fp.DEFAULT_WEIGHTS)
-    size = int(args.image_size or fp.method_image_size(model_name))
-    quick_gelu = True if model_name in (fp.DEFAULT_BACKBONE, TINY_TEST) else None
-    backbone = load_backbone(model_name, weights, image_size=size, device=args.device, quick_gelu=quick_gelu)
+    model_name = args.backbone or fp_config.DEFAULT_BACKBONE
+    weights = resolve_default_weights(model_name, args.backbone_weights, default_model=fp_config.DEFAULT_BACKBONE, default_weights=fp_config.DEFAULT_WEIGHTS)
+    size = int(args.image_size or method_image_size(model_name))
+    backbone = load_backbone(model_name, weights, image_size=size, device=args.device, quick_gelu=quick_gelu_for(model_name))
     grid = backbone.grid_size
     default_name = f"faprompt_{args.dataset}.safetensors"
     out = Path(args.out) if args.out else Path(default_name)
     if out.is_dir():
         out = out / default_name
 
-    learner = fp.FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=seed).to(backbone.device)
-    model = fp.FAPromptModel(backbone, learner)
+    learner = FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=seed).to(backbone.device)
+    model = FAPromptModel(backbone, learner)
     optimizer = torch.optim.Adam(learner.parameters(), lr=args.lr, betas=BETAS)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if args.checkpoint and not (args.resume and out.is_file()):
-        fp.load_learner_state(learner, args.checkpoint, what="the FAPrompt prompt learner to start from")
+        load_learner_state(learner, args.checkpoint, what="the FAPrompt prompt learner to start from")
     if args.resume and out.is_file():
         header = read_header(out)
-        fp.load_learner_state(learner, out, what="the FAPrompt prompt learner being resumed")
+        load_learner_state(learner, out, what="the FAPrompt prompt learner being resumed")
         if optimizer_file(out).is_file():
             load_optimizer(optimizer_file(out), optimizer)
         start_epoch = int(header.get("epoch", 0))
@@ -309,7 +312,7 @@ def run(args: argparse.Namespace) -> Path:
     cache = FeatureCache(model, spec, backbone.device, args.feature_cache_mb)
     masks: dict[Path, torch.Tensor] = {}
     base_header = {
-        "method": fp.FAPromptDetector.name,
+        "method": FAPromptDetector.name,
         "format": 1,
         "backbone": model_name,
         "backbone_weights": backbone.weights_description,

@@ -1,1 +1,0 @@
-"""Training commands of the methods that learn from auxiliary data (see ``detector.train``)."""
