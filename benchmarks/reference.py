@@ -74,7 +74,8 @@ def faprompt_official_pattern(det: Any, normals: list, query: Any) -> float:
     """
     from scipy.ndimage import gaussian_filter
 
-    from detector.images import load_image, preprocess
+    from detector.images import load_image
+    from detector.preprocess import preprocess
     from detector.methods import faprompt
 
     model = det.model

@@ -127,7 +127,8 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
     import torch
 
     from detector.backbone import clear_backbone_cache
-    from detector.images import load_image, preprocess
+    from detector.images import load_image
+    from detector.preprocess import preprocess
 
     from .reference import OFFICIAL_PATTERNS
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -32,14 +32,14 @@ from . import limits, maps
 from .backbone import Backbone, load_backbone
 from .calibration import Calibration, calibration_from_normals
 from .geometry import Geometry, input_geometry
-from .images import LoadedImage, Preprocess, load_image, preprocess_batch
+from .images import LoadedImage, load_image
+from .preprocess import Preprocess, preprocess_batch
+from .progress import ProgressCallback
 from .results import Box, DetectionResult, Description, Explanation
 from .spec import MethodSpec
 from .timing import Stopwatch
 from .weights import resolve_default_weights, resolve_path
 
-#: ``progress(fraction in [0, 1], message)``.
-ProgressCallback = Callable[[float, str], None]
 #: Options every method accepts, with their defaults (README "Python API").
 COMMON_OPTIONS: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0}
 

@@ -1,9 +1,9 @@
-"""Image input: load, validate and convert every image, then preprocess it for a model.
+"""Image input: load, validate and convert every image.
 
 Every image the package uses (app uploads, command-line files, Python API calls) enters
 through :func:`load_image`, which returns a :class:`LoadedImage`: 8-bit RGB pixels with
 the EXIF orientation applied, plus warnings the user should see. Input that cannot be
-used raises :class:`detector.api.InvalidImageError` with a message that says what was
+used raises :class:`detector.errors.InvalidImageError` with a message that says what was
 wrong and which limit applies (see :mod:`detector.limits`).
 
 Conversion rules (one set for files, PIL images and arrays):
@@ -27,9 +27,7 @@ dimensions are checked from the header before any pixel data is decoded, so a sm
 claiming a huge size is refused without allocating it; truncated files are refused (PIL's
 ``LOAD_TRUNCATED_IMAGES`` stays off). PIL's global settings are never changed.
 
-Preprocessing is described by data (:class:`Preprocess`) and runs through one code path
-for every method: torchvision's PIL-based ``resize`` (antialiased bicubic), ``center_crop``,
-``to_tensor`` and ``normalize``, so it equals the official pipelines exactly.
+Turning a loaded image into a model input is :mod:`detector.preprocess`'s part.
 """
 
 from __future__ import annotations
@@ -43,31 +41,19 @@ from pathlib import Path
 from typing import IO, Any, Sequence, Union
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
 
 from . import limits
 from .errors import InvalidImageError
-from .geometry import Geometry, ResizeMode, input_geometry
 
 __all__ = [
     "ACCEPTED_FORMATS",
     "ImageSource",
     "LoadedImage",
-    "OPENAI_MEAN",
-    "OPENAI_STD",
-    "Preprocess",
     "fingerprint",
     "load_image",
-    "preprocess",
-    "preprocess_batch",
+    "to_rgb_pixels",
 ]
-
-#: Mean and standard deviation of OpenAI CLIP's input normalisation (RGB order).
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 #: PIL format identifiers decoded from files and bytes. Other formats (EPS, PSD, WMF,
 #: ...) are refused: some need external programs to decode, and none is a usual
@@ -460,90 +446,13 @@ def _min_max(data: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.floor((data - low) * (255.0 / (high - low)) + 0.5).astype(np.uint8)
 
 
-# ---------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preprocess:
-    """How a method turns an image into its square model input.
-
-    Attributes:
-        size: side of the square input in pixels.
-        resize: ``"shorter"`` = torchvision ``Resize(size)`` (shorter side to ``size``,
-            bicubic, antialiased) then ``CenterCrop(size)``; ``"squash"`` =
-            ``Resize((size, size))``, aspect ratio not kept.
-        mean, std: per-channel normalisation after ``ToTensor`` (OpenAI CLIP's by default).
-    """
-
-    size: int
-    resize: ResizeMode
-    mean: tuple[float, float, float] = OPENAI_MEAN
-    std: tuple[float, float, float] = OPENAI_STD
-
-    def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
-            raise ValueError(f"Preprocess.size must be a positive integer, got {self.size!r}")
-        if self.resize not in ("shorter", "squash"):
-            raise ValueError(f"Preprocess.resize must be 'shorter' or 'squash', got {self.resize!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("Preprocess.mean and Preprocess.std need three values (R, G, B)")
-        if any(not s > 0 for s in self.std):
-            raise ValueError(f"Preprocess.std values must be > 0, got {self.std!r}")
-        object.__setattr__(self, "size", int(self.size))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-
-
-def _rgb_pixels(image: Any) -> np.ndarray:
+def to_rgb_pixels(image: Any) -> np.ndarray:
     """RGB uint8 pixels of a LoadedImage, an array (converted, no size limits) or any input of ``load_image``."""
     if isinstance(image, LoadedImage):
         return image.rgb
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)[0]
     return load_image(image).rgb
-
-
-def preprocess(image: LoadedImage | np.ndarray, spec: Preprocess) -> tuple[torch.Tensor, Geometry]:
-    """Model input for one image and where it sits in the original frame.
-
-    Runs torchvision's functional transforms on a PIL RGB image (the PIL path, so the
-    bicubic resize is antialiased), exactly as the official pipelines do:
-    ``resize`` -> ``center_crop`` (``"shorter"`` only) -> ``to_tensor`` -> ``normalize``.
-
-    Args:
-        image: a :class:`LoadedImage`, or an array converted by the rules of
-            :func:`load_image` (the size limits are not applied to arrays here).
-        spec: the method's :class:`Preprocess`.
-
-    Returns:
-        A float32 ``(3, size, size)`` tensor and the :class:`~detector.geometry.Geometry`
-        of the resize and crop.
-    """
-    rgb = _rgb_pixels(image)
-    height, width = int(rgb.shape[0]), int(rgb.shape[1])
-    pil = Image.fromarray(rgb)
-    if spec.resize == "shorter":
-        pil = TF.resize(pil, spec.size, interpolation=InterpolationMode.BICUBIC)
-        pil = TF.center_crop(pil, [spec.size, spec.size])
-    else:
-        pil = TF.resize(pil, [spec.size, spec.size], interpolation=InterpolationMode.BICUBIC)
-    tensor = TF.normalize(TF.to_tensor(pil), list(spec.mean), list(spec.std))
-    return tensor, input_geometry(height, width, spec.size, spec.resize)
-
-
-def preprocess_batch(
-    images: Sequence[LoadedImage | np.ndarray], spec: Preprocess
-) -> tuple[torch.Tensor, list[Geometry]]:
-    """:func:`preprocess` for several images: a float32 ``(B, 3, size, size)`` tensor and the geometries."""
-    tensors: list[torch.Tensor] = []
-    geometries: list[Geometry] = []
-    for image in images:
-        tensor, geometry = preprocess(image, spec)
-        tensors.append(tensor)
-        geometries.append(geometry)
-    if not tensors:
-        return torch.empty((0, 3, spec.size, spec.size), dtype=torch.float32), []
-    return torch.stack(tensors), geometries
 
 
 # ---------------------------------------------------------------------------------------

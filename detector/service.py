@@ -24,59 +24,35 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
-import numpy as np
-
 from . import limits
 from .base import Detector, check_normal_count
-from .calibration import Calibration
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
-from .inspection import BatchResult, check_batch_size, run_batch
+from .inspection.batch import BatchResult, check_batch_size, run_batch
+from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, weights_text
+from .progress import Deadline, ProgressCallback, scaled
 from .registry import create_detector, get_method, list_methods, method_options
-from .results import DetectionResult
 from .weights import TINY_TEST, availability_problem, resolve_default_weights
+
+__all__ = [
+    "FittedDetector",
+    "InspectionReport",
+    "InspectionService",
+    "MethodOutcome",
+    "RequestTimeoutError",
+    "ServiceConfig",
+    "is_meaningless",
+    "weights_text",
+]
 
 LOG = logging.getLogger(__name__)
 
-#: ``progress(fraction in [0, 1], message)``.
-ProgressCallback = Callable[[float, str], None]
 DetectorFactory = Callable[..., Detector]
 
 RANDOM_FALLBACK_WARNING = (
     "pretrained weights unavailable ({reason}); running the same architecture with RANDOM weights: "
     "scores and maps are meaningless"
 )
-
-
-class _Deadline:
-    """Cooperative time limit of one request.
-
-    Checked before each method's fit and prediction and at every progress report inside a
-    fit (AnoPLe reports each prompt-learning step), so a long request stops at the next
-    such point. A fit stopped this way is not cached.
-    """
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = None if seconds is None else float(seconds)
-        self.end = None if seconds is None else time.monotonic() + float(seconds)
-
-    def check(self, stage: str) -> None:
-        if self.end is not None and time.monotonic() > self.end:
-            raise RequestTimeoutError(
-                f"the request ran longer than its time limit of {self.seconds:g} s and was stopped ({stage}); "
-                "try fewer methods, fewer or smaller images, or fewer AnoPLe steps"
-            )
-
-    def guard(self, progress: ProgressCallback | None, stage: str) -> ProgressCallback | None:
-        if self.end is None:
-            return progress
-
-        def report(fraction: float, message: str) -> None:
-            self.check(f"{stage}: {message}" if message else stage)
-            if progress is not None:
-                progress(fraction, message)
-
-        return report
 
 
 @dataclass(frozen=True)
@@ -103,118 +79,6 @@ class ServiceConfig:
     fallback_to_random: bool = True
 
 
-@dataclass
-class FittedDetector:
-    """One cache entry: a fitted detector, its calibration and its description."""
-
-    method: str
-    detector: Detector
-    calibration: Calibration
-    description: dict[str, Any]
-    weights_fallback: str | None = None
-    fit_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class MethodOutcome:
-    """One method's answer to one query."""
-
-    method: str
-    display_name: str
-    result: DetectionResult
-    calibration: Calibration
-    description: dict[str, Any]
-    seconds: float
-    warnings: tuple[str, ...] = ()
-    weights_fallback: str | None = None
-    reused_fit: bool = False
-    #: The fitted detector that produced ``result`` (for explanations from its cached
-    #: features); not part of equality.
-    detector: Detector | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def calibrated_score(self) -> float:
-        return self.calibration.normalize_score(self.result.score)
-
-    def calibrated_map(self) -> np.ndarray:
-        """``anomaly_map`` on the calibrated 0..1 scale (0.5 = the method's threshold)."""
-        return self.calibration.normalize_map(self.result.anomaly_map)
-
-    def raw_threshold(self, threshold: float) -> float:
-        """The method's own score that a calibrated ``threshold`` corresponds to."""
-        return self.calibration.raw_image_threshold(threshold)
-
-    def is_anomalous(self, threshold: float) -> bool:
-        return self.calibrated_score >= float(threshold)
-
-    def summary(self, threshold: float) -> dict[str, Any]:
-        """JSON-able facts for one method at a calibrated ``threshold``."""
-        return {
-            "method": self.method,
-            "display_name": self.display_name,
-            "score": float(self.result.score),
-            "calibrated_score": float(self.calibrated_score),
-            "threshold": float(self.raw_threshold(threshold)),
-            "threshold_calibrated": float(threshold),
-            "verdict": "anomalous" if self.is_anomalous(threshold) else "normal",
-            "seconds": float(self.seconds),
-            "weights": weights_text(self.description, trained_offline=get_method(self.method).spec.trained_offline),
-            "trained": bool(self.description.get("trained", False)),
-            "mode": self.description.get("mode"),
-            "calibration": self.calibration.source,
-            "calibration_values": self.calibration.to_dict(),
-            "reused_fit": self.reused_fit,
-            "warnings": list(self.warnings),
-        }
-
-
-@dataclass(frozen=True)
-class InspectionReport:
-    """All methods' outcomes for one query."""
-
-    outcomes: tuple[MethodOutcome, ...]
-    query: LoadedImage
-    num_normals: int
-    normals_fingerprint: str
-    #: The normal images in fit order (what an explanation's nearest patch refers to).
-    normals: tuple[LoadedImage, ...] = field(default=(), compare=False, repr=False)
-
-    def outcome(self, method: str) -> MethodOutcome | None:
-        """The outcome of ``method`` (any case), or ``None`` when it was not run."""
-        name = get_method(method).name
-        return next((o for o in self.outcomes if o.method == name), None)
-
-    def summary(self, threshold: float) -> dict[str, Any]:
-        height, width = self.query.size
-        return {
-            "query": {"name": self.query.name, "height": height, "width": width, "warnings": list(self.query.warnings)},
-            "num_normals": self.num_normals,
-            "threshold_calibrated": float(threshold),
-            "methods": {o.method: o.summary(threshold) for o in self.outcomes},
-        }
-
-
-def weights_text(description: Mapping[str, Any], *, trained_offline: bool = True) -> str:
-    """One line saying which weights a method runs on, from its ``describe()``;
-    ``trained_offline`` (the method's ``spec``) says whether a missing checkpoint is worth
-    mentioning."""
-    parts = [f"{description.get('backbone', '?')}: {description.get('backbone_weights', '?')}"]
-    checkpoint = description.get("checkpoint")
-    mode = description.get("mode")
-    if checkpoint:
-        parts.append(f"checkpoint {checkpoint}")
-    elif trained_offline:
-        parts.append("no checkpoint")
-    if mode:
-        parts.append(f"mode {mode}")
-    return "; ".join(parts)
-
-
-def is_meaningless(description: Mapping[str, Any]) -> bool:
-    """True when the backbone runs on random weights."""
-    return "random" in str(description.get("backbone_weights", "")).lower()
-
-
 def _freeze(value: Any) -> Hashable:
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
@@ -223,17 +87,6 @@ def _freeze(value: Any) -> Hashable:
     if isinstance(value, float):
         return float(value)
     return value
-
-
-def _scaled(progress: ProgressCallback | None, start: float, stop: float, prefix: str) -> ProgressCallback | None:
-    if progress is None:
-        return None
-
-    def report(fraction: float, message: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        progress(start + (stop - start) * fraction, f"{prefix}: {message}" if message else prefix)
-
-    return report
 
 
 class InspectionService:
@@ -346,7 +199,7 @@ class InspectionService:
                     progress(0.0, f"loading {cls.display_name}")
                 detector, fallback = self._build(cls.name, options)
                 start = time.perf_counter()
-                detector.fit(loaded, progress=_scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
+                detector.fit(loaded, progress=scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
                 fit_seconds = time.perf_counter() - start
                 if progress is not None:
                     progress(0.9, f"calibrating {cls.display_name}")
@@ -429,7 +282,7 @@ class InspectionService:
                 loaded_normals,
                 options=self.options_for(name, class_name, (options or {}).get(name)),
                 normals_fingerprint=digest,
-                progress=_scaled(progress, index * fit_share, (index + 1) * fit_share, cls.display_name),
+                progress=scaled(progress, index * fit_share, (index + 1) * fit_share, cls.display_name),
             )
         return run_batch(
             fitted,
@@ -437,7 +290,7 @@ class InspectionService:
             threshold=threshold,
             alpha=alpha,
             colormap=colormap,
-            progress=_scaled(progress, 0.3, 1.0, "scoring"),
+            progress=scaled(progress, 0.3, 1.0, "scoring"),
         )
 
     def inspect(
@@ -473,7 +326,7 @@ class InspectionService:
         names, loaded_normals = self._methods_and_normals(methods, normals)
         loaded_query = load_image(query)
         digest = fingerprint(loaded_normals)
-        deadline = _Deadline(timeout)
+        deadline = Deadline(timeout)
         outcomes = []
         share = 1.0 / len(names)
         for index, name in enumerate(names):
@@ -486,7 +339,7 @@ class InspectionService:
                 loaded_normals,
                 options=method_options,
                 normals_fingerprint=digest,
-                progress=deadline.guard(_scaled(progress, base, base + 0.8 * share, cls.display_name), cls.display_name),
+                progress=deadline.guard(scaled(progress, base, base + 0.8 * share, cls.display_name), cls.display_name),
             )
             deadline.check(f"before scoring with {cls.display_name}")
             if progress is not None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .calibration import Calibration, fixed_calibration
 from .geometry import ResizeMode
-from .images import OPENAI_MEAN, OPENAI_STD
+from .preprocess import OPENAI_MEAN, OPENAI_STD
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class MethodSpec:
         default_backbone: the official open_clip model name.
         default_weights: the official open_clip pretrained tag of that model.
         resize: how the input is made square (``"shorter"`` = resize + centre crop,
-            ``"squash"`` = plain resize), see ``detector.images.Preprocess``.
+            ``"squash"`` = plain resize), see ``detector.preprocess.Preprocess``.
         mean, std: input normalisation.
         default_sigma: Gaussian smoothing of ``anomaly_map`` in model-input pixels.
         sigma_reference_size: when set, ``default_sigma`` is given at this input side and

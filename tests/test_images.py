@@ -20,16 +20,8 @@ from torchvision import transforms
 from detector import limits
 from detector.errors import InvalidImageError
 from detector.geometry import input_geometry
-from detector.images import (
-    OPENAI_MEAN,
-    OPENAI_STD,
-    LoadedImage,
-    Preprocess,
-    fingerprint,
-    load_image,
-    preprocess,
-    preprocess_batch,
-)
+from detector.images import LoadedImage, fingerprint, load_image
+from detector.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, preprocess, preprocess_batch
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from detector import CheckpointError, create_detector, list_methods
 from detector.checkpoints import read_state_dict, save_safetensors
-from detector.images import load_image, preprocess
+from detector.images import load_image
+from detector.preprocess import preprocess
 from detector.methods.anople.fitting import NormalImage, fit_anople, pool_decoder_probabilities
 from detector.methods.anople.model import FUSION_EPS
 from detector.synthetic import texture

@@ -15,7 +15,7 @@ from detector import create_detector
 from detector.errors import CheckpointError
 from detector.backbone import load_backbone
 from detector.checkpoints import save_safetensors
-from detector.images import preprocess
+from detector.preprocess import preprocess
 from detector.maps import patch_box
 from detector.calibration import Calibration
 from detector.methods import inctrl

@@ -19,7 +19,7 @@ from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, Progr
 from ...calibration import Calibration, fixed_calibration
 from ...checkpoints import check_keys, read_header, read_state_dict, save_safetensors
 from ...errors import CheckpointError
-from ...images import preprocess
+from ...preprocess import preprocess
 from ...maps import patch_box
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch

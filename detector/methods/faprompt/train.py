@@ -188,7 +188,8 @@ class FeatureCache:
         self.entries: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-        from ...images import load_image, preprocess
+        from ...images import load_image
+        from ...preprocess import preprocess
 
         missing = [p for p in paths if p not in self.entries]
         computed: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> Path:
     """Train and write the checkpoint; returns its path."""
     from tqdm import tqdm
 
-    from ...images import OPENAI_MEAN, OPENAI_STD, Preprocess
+    from ...preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 
     seed = int(args.seed)
     random.seed(seed)

@@ -1,0 +1,127 @@
+"""What the service returns: one method's outcome for one query, all methods' report, and the
+sentences that say which weights a method ran on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .base import Detector
+from .calibration import Calibration
+from .images import LoadedImage
+from .registry import get_method
+from .results import DetectionResult
+
+
+@dataclass
+class FittedDetector:
+    """One cache entry: a fitted detector, its calibration and its description."""
+
+    method: str
+    detector: Detector
+    calibration: Calibration
+    description: dict[str, Any]
+    weights_fallback: str | None = None
+    fit_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class MethodOutcome:
+    """One method's answer to one query."""
+
+    method: str
+    display_name: str
+    result: DetectionResult
+    calibration: Calibration
+    description: dict[str, Any]
+    seconds: float
+    warnings: tuple[str, ...] = ()
+    weights_fallback: str | None = None
+    reused_fit: bool = False
+    #: The fitted detector that produced ``result`` (for explanations from its cached
+    #: features); not part of equality.
+    detector: Detector | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def calibrated_score(self) -> float:
+        return self.calibration.normalize_score(self.result.score)
+
+    def calibrated_map(self) -> np.ndarray:
+        """``anomaly_map`` on the calibrated 0..1 scale (0.5 = the method's threshold)."""
+        return self.calibration.normalize_map(self.result.anomaly_map)
+
+    def raw_threshold(self, threshold: float) -> float:
+        """The method's own score that a calibrated ``threshold`` corresponds to."""
+        return self.calibration.raw_image_threshold(threshold)
+
+    def is_anomalous(self, threshold: float) -> bool:
+        return self.calibrated_score >= float(threshold)
+
+    def summary(self, threshold: float) -> dict[str, Any]:
+        """JSON-able facts for one method at a calibrated ``threshold``."""
+        return {
+            "method": self.method,
+            "display_name": self.display_name,
+            "score": float(self.result.score),
+            "calibrated_score": float(self.calibrated_score),
+            "threshold": float(self.raw_threshold(threshold)),
+            "threshold_calibrated": float(threshold),
+            "verdict": "anomalous" if self.is_anomalous(threshold) else "normal",
+            "seconds": float(self.seconds),
+            "weights": weights_text(self.description, trained_offline=get_method(self.method).spec.trained_offline),
+            "trained": bool(self.description.get("trained", False)),
+            "mode": self.description.get("mode"),
+            "calibration": self.calibration.source,
+            "calibration_values": self.calibration.to_dict(),
+            "reused_fit": self.reused_fit,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class InspectionReport:
+    """All methods' outcomes for one query."""
+
+    outcomes: tuple[MethodOutcome, ...]
+    query: LoadedImage
+    num_normals: int
+    normals_fingerprint: str
+    #: The normal images in fit order (what an explanation's nearest patch refers to).
+    normals: tuple[LoadedImage, ...] = field(default=(), compare=False, repr=False)
+
+    def outcome(self, method: str) -> MethodOutcome | None:
+        """The outcome of ``method`` (any case), or ``None`` when it was not run."""
+        name = get_method(method).name
+        return next((o for o in self.outcomes if o.method == name), None)
+
+    def summary(self, threshold: float) -> dict[str, Any]:
+        height, width = self.query.size
+        return {
+            "query": {"name": self.query.name, "height": height, "width": width, "warnings": list(self.query.warnings)},
+            "num_normals": self.num_normals,
+            "threshold_calibrated": float(threshold),
+            "methods": {o.method: o.summary(threshold) for o in self.outcomes},
+        }
+
+
+def weights_text(description: Mapping[str, Any], *, trained_offline: bool = True) -> str:
+    """One line saying which weights a method runs on, from its ``describe()``;
+    ``trained_offline`` (the method's ``spec``) says whether a missing checkpoint is worth
+    mentioning."""
+    parts = [f"{description.get('backbone', '?')}: {description.get('backbone_weights', '?')}"]
+    checkpoint = description.get("checkpoint")
+    mode = description.get("mode")
+    if checkpoint:
+        parts.append(f"checkpoint {checkpoint}")
+    elif trained_offline:
+        parts.append("no checkpoint")
+    if mode:
+        parts.append(f"mode {mode}")
+    return "; ".join(parts)
+
+
+def is_meaningless(description: Mapping[str, Any]) -> bool:
+    """True when the backbone runs on random weights."""
+    return "random" in str(description.get("backbone_weights", "")).lower()
