@@ -31,6 +31,7 @@ import torch
 from . import limits, maps
 from .backbone import Backbone, load_backbone
 from .calibration import Calibration, calibration_from_normals
+from .checkpoints import CheckpointInfo, key_groups, read_header, state_keys
 from .geometry import Geometry, input_geometry
 from .images import LoadedImage, load_image
 from .preprocess import Preprocess, preprocess_batch
@@ -222,10 +223,18 @@ class Detector(abc.ABC):
         """Build the method's own modules (and load the checkpoint read into ``artefact``)."""
 
     @classmethod
+    def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
+        """What this method knows about one of its checkpoint files (layout, key groups,
+        whether it carries the CLIP weights, header facts), without building a model.
+        Default: keys grouped by their first dotted part and the file's JSON header."""
+        file = resolve_path(path)
+        return CheckpointInfo(str(file), "state dict", key_groups(state_keys(file)), False, read_header(file))
+
+    @classmethod
     def checkpoint_supplies_backbone(cls, path: str | Path) -> bool:
         """Whether this checkpoint file carries the CLIP weights itself (so no backbone
-        weights need to be found). Cheap: reads keys, not tensors where possible."""
-        return False
+        weights need to be found)."""
+        return cls.inspect_checkpoint(path).carries_backbone
 
     # -- hooks: fit and predict ------------------------------------------------------------
     def _fit(self, normals: PreparedBatch, progress: ProgressCallback | None) -> None:

@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -72,6 +74,35 @@ def read_state_dict(path: str | os.PathLike, *, nested: Iterable[str] = NESTING_
     except Exception as error:
         raise CheckpointError(f"cannot read weights from {file.name}: {error}") from error
     return flatten_state(state, nested=nested, name=file.name)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a method says about one of its checkpoint files (``Detector.inspect_checkpoint``),
+    read without building a model.
+
+    Attributes:
+        path: the file.
+        layout: which of the method's layouts it is, e.g. ``"official full"``, ``"heads only"``.
+        key_groups: tensors per key group, e.g. ``{"heads": 44, "clip": 301}``.
+        carries_backbone: the file holds the CLIP weights itself.
+        facts: what its header records (shots, training set, epoch, ...), JSON-able.
+    """
+
+    path: str
+    layout: str
+    key_groups: Mapping[str, int]
+    carries_backbone: bool = False
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+
+def key_groups(keys: Iterable[str], prefixes: Mapping[str, tuple[str, ...]] | None = None) -> dict[str, int]:
+    """Count keys per group: the first group whose prefixes match, else the first dotted part."""
+    counts: Counter[str] = Counter()
+    for key in keys:
+        group = next((name for name, starts in (prefixes or {}).items() if key.startswith(starts)), key.split(".", 1)[0])
+        counts[group] += 1
+    return dict(counts)
 
 
 def state_keys(path: str | os.PathLike) -> list[str]:

@@ -346,3 +346,10 @@ def test_bf16_is_opt_in_and_close_to_fp32(learned_file):
     assert 0 < np.abs(a.raw_map - b.raw_map).max() < 0.1
     with pytest.raises(ValueError, match="precision"):
         create_detector("faprompt", backbone="tiny-test", precision="fp16")
+
+
+def test_inspect_checkpoint_reads_the_official_layout(learned_file):
+    info = fp.FAPromptDetector.inspect_checkpoint(learned_file)
+    assert not info.carries_backbone and info.layout.startswith("official")
+    assert info.key_groups["context tokens"] == 2 and info.key_groups["abnormality prior"] == 4
+    assert info.key_groups["deep prompts"] == info.key_groups["unused projections"] // 2 == 4

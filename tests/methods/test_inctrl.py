@@ -359,3 +359,31 @@ def test_real_architecture_at_random_init_runs_end_to_end():
     assert 0.0 <= result.score <= 1.0
     assert result.evidence.tokens.shape == (225, 896)
     assert detector.describe()["sigma"] == 4.0
+
+
+def test_inspect_checkpoint_tells_the_layouts_apart(tmp_path):
+    """The method's own artefact knowledge, read from keys alone: the official full file
+    carries CLIP, heads alone do not, our output's header facts are reported."""
+    from detector.methods.inctrl import InCTRLDetector
+    from detector.service import InspectionService, ServiceConfig
+
+    heads = random_heads(4)
+    full = tmp_path / "checkpoint.pyth"
+    torch.save({"model_state": {**tiny_clip_state(), **heads}}, full)
+    alone = tmp_path / "heads.pyth"
+    torch.save(heads, alone)
+    ours = save_safetensors(tmp_path / "ours.safetensors", heads, inctrl.checkpoint_header(backbone="tiny-test", shots=8, epoch=2))
+
+    info = InCTRLDetector.inspect_checkpoint(full)
+    assert info.carries_backbone and info.key_groups["heads"] == 44 and sum(info.key_groups.values()) == 44 + len(tiny_clip_state())
+    assert info.layout.startswith("official full")
+    assert not InCTRLDetector.checkpoint_supplies_backbone(alone)
+    assert InCTRLDetector.inspect_checkpoint(alone).key_groups == {"heads": 44}
+    own = InCTRLDetector.inspect_checkpoint(ours)
+    assert not own.carries_backbone and own.facts["shots"] == 8 and own.facts["epoch"] == 2
+
+    # The start-up status trusts a checkpoint for the backbone only when it carries CLIP.
+    offline = {"backbone": "ViT-B-16-plus-240"}
+    assert InspectionService(ServiceConfig(checkpoints={"inctrl": str(full)}, **offline)).weights_status("inctrl")[1] is None
+    problem = InspectionService(ServiceConfig(checkpoints={"inctrl": str(alone)}, **offline)).weights_status("inctrl")[1]
+    assert problem and "not in the Hugging Face cache" in problem

@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
+from ...checkpoints import CheckpointInfo
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, PromptSimilarity
 from ...spec import MethodSpec, Option
+from ...weights import resolve_path
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_OPTIONS, PRIOR_OPTIONS, PROMPTS_OPTIONS
 from .encoders import method_image_size, quick_gelu_for
-from .learner import FAPromptLearner, load_learner_state
+from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state
 from .model import FAPromptModel, TextState
 from .prompts import WORD_ABNORMALITY_PHRASES
 
@@ -73,6 +75,10 @@ class FAPromptDetector(Detector):
             precision=self.options["precision"],
             quick_gelu=quick_gelu_for(model_name),
         )
+
+    @classmethod
+    def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
+        return inspect_checkpoint(resolve_path(path))
 
     def _build(self, artefact: Path | None) -> None:
         visual = self.backbone.visual

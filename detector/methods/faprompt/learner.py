@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ...backbone import Backbone
-from ...checkpoints import NESTING_KEYS, check_keys, read_header, read_state_dict
+from ...checkpoints import NESTING_KEYS, CheckpointInfo, check_keys, key_groups, read_header, read_state_dict
 from ...errors import CheckpointError
 from .config import (
     ABNORMAL_CONTEXT_TOKENS,
@@ -186,6 +186,27 @@ class FAPromptLearner(nn.Module):
 # -- checkpoints ----------------------------------------------------------------------------
 
 
+#: Where an official file nests the learner's state dict, then the usual containers.
+NESTING = ("prompt_learner",) + NESTING_KEYS
+#: Key groups of the learner, for ``inspect_checkpoint``.
+KEY_GROUPS = {
+    "context tokens": ("ctx_pos", "ctx_neg"),
+    "deep prompts": ("compound_prompts_text.",),
+    "abnormality prior": ("patch_meta_net.",),
+    "template buffers": ("token_prefix", "token_suffix", "tokenized_prompts"),
+    "unused projections": ("compound_prompt_projections.",),
+}
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Layout, key groups and header facts of a prompt-learner file (it never holds CLIP)."""
+    header = read_header(path)
+    groups = key_groups(read_state_dict(path, nested=NESTING), KEY_GROUPS)
+    layout = "own training output (safetensors)" if header else "official {'prompt_learner': state_dict}"
+    facts = {key: header[key] for key in ("dataset", "categories", "epoch", "backbone", "image_size") if key in header}
+    return CheckpointInfo(str(path), layout, groups, False, facts)
+
+
 def expected_shapes(learner: FAPromptLearner) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in learner.state_dict().items()}
 
@@ -200,7 +221,7 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
     method = header.get("method")
     if method is not None and method != METHOD_NAME:
         raise CheckpointError(f"{Path(str(path)).name} was written for the method {method!r}, not {METHOD_NAME}")
-    state = read_state_dict(path, nested=("prompt_learner",) + NESTING_KEYS)
+    state = read_state_dict(path, nested=NESTING)
     check_keys(state, expected_shapes(learner), what=what)
     reference = learner.state_dict()
     converted = {k: v.to(reference[k].dtype) for k, v in state.items()}

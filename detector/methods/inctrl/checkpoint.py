@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ...calibration import Calibration
-from ...checkpoints import read_header, read_state_dict, state_keys
+from ...checkpoints import CheckpointInfo, key_groups, read_header, read_state_dict, state_keys
 from ...errors import CheckpointError
 from .model import InCTRLHeads
 
@@ -76,6 +76,16 @@ def read_checkpoint(path: Path) -> InCTRLCheckpoint:
     return InCTRLCheckpoint(path, header, head_state, carries_clip=bool(clip_state), calibration=calibration)
 
 
-def carries_clip_weights(path: str | Path) -> bool:
-    """True for files with keys outside the heads (the official full checkpoints)."""
-    return any(not key.startswith(HEAD_PREFIXES) for key in state_keys(path))
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Layout, key groups and header facts of an InCTRL file, from its keys alone."""
+    groups = key_groups(state_keys(path), {"heads": HEAD_PREFIXES})
+    carries_clip = any(name != "heads" for name in groups)
+    header = read_header(path)
+    if carries_clip:
+        layout = "official full (CLIP + heads)"
+    elif header:
+        layout = "heads with header (own training output)"
+    else:
+        layout = "heads only"
+    facts = {key: header[key] for key in ("shots", "dataset", "categories", "epoch", "backbone") if key in header}
+    return CheckpointInfo(str(path), layout, groups, carries_clip, facts)

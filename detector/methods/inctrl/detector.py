@@ -16,12 +16,13 @@ import torch
 
 from ... import maps
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
-from ...checkpoints import check_keys
+from ...checkpoints import CheckpointInfo, check_keys
+from ...weights import resolve_path
 from ...geometry import Geometry
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
 from ...spec import MethodSpec, Option
-from .checkpoint import HEAD_PREFIXES, InCTRLCheckpoint, carries_clip_weights, head_state_shapes, read_checkpoint
+from .checkpoint import HEAD_PREFIXES, InCTRLCheckpoint, head_state_shapes, inspect_checkpoint, read_checkpoint
 from .model import (
     InCTRLHeads,
     InCTRLModel,
@@ -112,8 +113,8 @@ class InCTRLDetector(Detector):
         return super()._backbone_choice(model_name, backbone_weights, artefact)
 
     @classmethod
-    def checkpoint_supplies_backbone(cls, path: str | Path) -> bool:
-        return carries_clip_weights(path)
+    def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
+        return inspect_checkpoint(resolve_path(path))
 
     def _build(self, artefact: InCTRLCheckpoint | None) -> None:
         self.header: dict[str, Any] = artefact.header if artefact else {}
