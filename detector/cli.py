@@ -13,6 +13,7 @@ import json
 from typing import Any, Sequence
 
 from .registry import get_spec, list_methods, method_options
+from .requests import resolve_methods
 from .spec import Option
 
 
@@ -49,20 +50,7 @@ def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# -- methods ---------------------------------------------------------------------------------------
-def resolve_methods(requested: Sequence[str] | None) -> list[str]:
-    """Registered method names (lower case) for ``--method``; ``None`` or ``all`` = every one."""
-    known = list_methods()
-    if not requested or [m.lower() for m in requested] == ["all"]:
-        return known
-    names = []
-    for name in requested:
-        key = name.strip().lower()
-        if key not in known:
-            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known)}")
-        if key not in names:
-            names.append(key)
-    return names
+__all__ = ["add_common_arguments", "add_option_arguments", "detector_kwargs", "options_from_args", "resolve_methods", "resolve_options"]
 
 
 # -- method options ----------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ import numpy as np
 from . import datasets, metrics
 from . import cli
 from .cli import add_common_arguments, detector_kwargs, resolve_methods
-from .registry import create_detector, get_method
+from .outcomes import weights_text
+from .registry import create_detector, get_method, get_spec
 
 #: Metrics of the Markdown table: (result key, column title).
 TABLE_METRICS = (
@@ -268,14 +269,6 @@ def format_value(mean: float | None, std: float | None, several_seeds: bool) -> 
     return text
 
 
-def _weights_text(description: dict[str, Any]) -> str:
-    parts = [f"backbone {description.get('backbone')}", f"weights {description.get('backbone_weights')}"]
-    if description.get("checkpoint"):
-        parts.append(f"checkpoint {description.get('checkpoint')}")
-    parts.append(f"mode {description.get('mode')}")
-    return ", ".join(parts)
-
-
 def markdown_tables(results: dict[str, Any]) -> str:
     """One table per method (rows: categories and the mean), plus a summary when several methods ran."""
     config = results["config"]
@@ -287,7 +280,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         seeds = ", ".join(str(s) for s in config["seeds"])
         lines.append(
             f"### {entry['display_name']} — {config['dataset']}, k = {config['shots']}, seeds {seeds} "
-            f"({_weights_text(entry['describe'])}; values in %)"
+            f"({weights_text(entry['describe'], trained_offline=entry.get('trained_offline', True))}; values in %)"
         )
         lines += ["", header, rule]
         for category, stats in entry["summary"]["categories"].items():
@@ -403,6 +396,7 @@ def run_evaluation(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, A
             display = get_method(method).display_name or method
             results["methods"][method] = {
                 "display_name": display,
+                "trained_offline": get_spec(method).trained_offline,
                 "describe": _jsonable(description),
                 "options": _jsonable(options[method]),
                 "checkpoint": checkpoints[method],

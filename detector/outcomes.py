@@ -106,20 +106,60 @@ class InspectionReport:
         }
 
 
+@dataclass(frozen=True)
+class WeightsFacts:
+    """Which weights a method runs on, from its ``describe()``: the one source of every
+    "which weights" sentence (service summaries, the app's panel and table, evaluation).
+
+    ``trained_offline`` (from the method's spec) says whether a missing checkpoint is worth
+    mentioning.
+    """
+
+    backbone: str
+    weights: str
+    image_size: Any
+    checkpoint: str | None
+    mode: str | None
+    trained: bool
+    trained_offline: bool = True
+
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any], *, trained_offline: bool = True) -> "WeightsFacts":
+        return cls(
+            backbone=str(description.get("backbone", "?")),
+            weights=str(description.get("backbone_weights", "?")),
+            image_size=description.get("image_size"),
+            checkpoint=description.get("checkpoint") or None,
+            mode=description.get("mode"),
+            trained=bool(description.get("trained", False)),
+            trained_offline=trained_offline,
+        )
+
+    @property
+    def random(self) -> bool:
+        return "random" in self.weights.lower()
+
+    def sentence(self) -> str:
+        """``"<backbone>: <weights>; checkpoint <file> | no checkpoint; mode <mode>"``."""
+        parts = [f"{self.backbone}: {self.weights}"]
+        if self.checkpoint:
+            parts.append(f"checkpoint {self.checkpoint}")
+        elif self.trained_offline:
+            parts.append("no checkpoint")
+        if self.mode:
+            parts.append(f"mode {self.mode}")
+        return "; ".join(parts)
+
+    def short(self) -> str:
+        """Compact form for tables: ``backbone / weights · mode · checkpoint``."""
+        weights = "random" if self.random else self.weights.split(" / ", 1)[-1]
+        checkpoint = "checkpoint" if self.checkpoint else "no checkpoint"
+        return f"{self.backbone} / {weights} · {self.mode} · {checkpoint}"
+
+
 def weights_text(description: Mapping[str, Any], *, trained_offline: bool = True) -> str:
-    """One line saying which weights a method runs on, from its ``describe()``;
-    ``trained_offline`` (the method's ``spec``) says whether a missing checkpoint is worth
-    mentioning."""
-    parts = [f"{description.get('backbone', '?')}: {description.get('backbone_weights', '?')}"]
-    checkpoint = description.get("checkpoint")
-    mode = description.get("mode")
-    if checkpoint:
-        parts.append(f"checkpoint {checkpoint}")
-    elif trained_offline:
-        parts.append("no checkpoint")
-    if mode:
-        parts.append(f"mode {mode}")
-    return "; ".join(parts)
+    """``WeightsFacts(...).sentence()`` of a ``describe()`` dict."""
+    return WeightsFacts.from_description(description, trained_offline=trained_offline).sentence()
 
 
 def is_meaningless(description: Mapping[str, Any]) -> bool:

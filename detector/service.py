@@ -17,6 +17,7 @@ meaningless (``weights_fallback``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,17 +29,19 @@ from . import limits
 from .base import Detector, check_normal_count
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
-from .inspection.batch import BatchResult, check_batch_size, run_batch
+from .inspection.batch import BatchResult, run_batch
 from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, weights_text
 from .progress import Deadline, ProgressCallback, scaled
 from .registry import create_detector, get_method, list_methods, method_options
-from .weights import TINY_TEST, availability_problem, resolve_default_weights
+from .requests import check_batch_size
+from .weights import MissingWeights, availability_problem, is_random as is_random_weights, resolve_default_weights
 
 __all__ = [
     "FittedDetector",
     "InspectionReport",
     "InspectionService",
     "MethodOutcome",
+    "MethodStatus",
     "RequestTimeoutError",
     "ServiceConfig",
     "is_meaningless",
@@ -379,25 +382,60 @@ class InspectionService:
         )
 
     # -- start-up facts ----------------------------------------------------------------------
-    def weights_status(self, method: str) -> tuple[str, str | None]:
-        """Without building anything: ``(model_name, problem)`` where ``problem`` says why the
-        method's pretrained weights are not available locally (``None`` = available, random
-        by choice, supplied by the configured checkpoint, or not knowable before loading)."""
+    def method_status(self, method: str) -> MethodStatus:
+        """Without building anything: which weights ``method`` will run on, and what is
+        missing (the app's start-up banner draws this)."""
         cls = get_method(method)
         spec = cls.spec
         model_name = self.config.backbone or spec.default_backbone
         checkpoint = self.config.checkpoints.get(cls.name)
+        status = MethodStatus(
+            method=cls.name,
+            display_name=spec.display_name,
+            model_name=model_name,
+            fallback=self.fallbacks.get(cls.name),
+            training_free=spec.trained_offline and not checkpoint,
+        )
         if checkpoint and _supplies_backbone(cls, checkpoint):
-            return model_name, None
-        if model_name == TINY_TEST and self.config.backbone_weights is None:
-            return model_name, None
+            return status
         try:
             weights = resolve_default_weights(
                 model_name, self.config.backbone_weights, default_model=spec.default_backbone, default_weights=spec.default_weights
             )
         except ValueError:  # no default for this model: building it says so clearly
-            return model_name, None
-        return model_name, availability_problem(model_name, weights)
+            return status
+        if is_random_weights(weights):
+            return dataclasses.replace(status, random_by_choice=True)
+        return dataclasses.replace(status, missing=availability_problem(model_name, weights))
+
+    def weights_status(self, method: str) -> tuple[str, str | None]:
+        """``(model_name, problem)``: ``method_status`` as plain values (``problem`` = why the
+        pretrained weights are not available locally, ``None`` when nothing is missing)."""
+        status = self.method_status(method)
+        return status.model_name, None if status.missing is None else status.missing.message
+
+
+@dataclass(frozen=True)
+class MethodStatus:
+    """What a method will run on, known before it is built (``InspectionService.method_status``).
+
+    Attributes:
+        method, display_name: the method.
+        model_name: its backbone.
+        missing: pretrained weights not in the cache (``blocking``: a run falls back to
+            random weights), or ``None``.
+        random_by_choice: the configuration asks for random weights (tests, ``tiny-test``).
+        fallback: the warning of a fall-back to random weights that already happened.
+        training_free: a method trained offline runs without a checkpoint.
+    """
+
+    method: str
+    display_name: str
+    model_name: str
+    missing: MissingWeights | None = None
+    random_by_choice: bool = False
+    fallback: str | None = None
+    training_free: bool = False
 
 
 def _supplies_backbone(cls: type[Detector], checkpoint: str) -> bool:

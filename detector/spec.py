@@ -26,13 +26,15 @@ class Option:
         kind: the Python type of a value given on a command line (``str``, ``int``,
             ``float``, ``bool``); ``None`` values are always accepted where the default is
             ``None``.
-        help: one line for command-line help and the app.
+        help: one line for command-line help.
+        label: the label of the option's control in the app (``help`` when empty).
     """
 
     default: Any
     choices: tuple[Any, ...] | None = None
     kind: type = str
     help: str = ""
+    label: str = ""
 
     def check(self, name: str, value: Any) -> Any:
         """``value`` when acceptable; ``ValueError`` naming the choices otherwise."""
@@ -64,6 +66,9 @@ class MethodSpec:
         batch_size: queries encoded together by ``predict_batch`` (results equal single
             predictions either way).
         default_calibration: fixed range and threshold when nothing better is known.
+        colour: RGB of the method's contour in the app's comparison strip (``None`` = a
+            colour from the app's fallback list).
+        app_options: the options the app offers as controls, in order.
     """
 
     display_name: str
@@ -80,6 +85,13 @@ class MethodSpec:
     options: Mapping[str, Option] = field(default_factory=dict)
     batch_size: int = 1
     default_calibration: Calibration = field(default_factory=lambda: fixed_calibration(0.0, 1.0, 0.5))
+    colour: tuple[int, int, int] | None = None
+    app_options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.app_options if name not in self.options]
+        if unknown:
+            raise ValueError(f"{self.display_name}: app_options {unknown} are not among its options")
 
     def sigma_at(self, image_size: int) -> float:
         """The default sigma at an input side of ``image_size`` pixels."""

@@ -13,6 +13,7 @@ Offline (``HF_HUB_OFFLINE=1``) or unreachable, a tag that is not cached raises
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -157,7 +158,24 @@ def resolve_default_weights(model_name: str, weights: str | None, *, default_mod
     )
 
 
-def availability_problem(model_name: str, weights: str) -> str | None:
+@dataclass(frozen=True)
+class MissingWeights:
+    """Pretrained weights that are not in the local cache.
+
+    Attributes:
+        message: what is missing, for people.
+        blocking: they cannot be had now (offline, or the cache cannot be read), so a
+            run falls back to random weights; otherwise they download on first use.
+    """
+
+    message: str
+    blocking: bool
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def availability_problem(model_name: str, weights: str) -> MissingWeights | None:
     """Why ``weights`` of ``model_name`` are not available without a download, or ``None``
     (random, a file, an ``hf-hub:`` address, or a tag whose file is in the cache)."""
     if is_random(weights) or _names_a_file(str(weights)) or os.path.isfile(os.path.expanduser(str(weights))):
@@ -175,7 +193,7 @@ def availability_problem(model_name: str, weights: str) -> str | None:
         if any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in candidates):
             return None
     except Exception as error:  # a broken cache must not stop start-up
-        return f"could not check the cache ({type(error).__name__})"
+        return MissingWeights(f"could not check the cache ({type(error).__name__})", blocking=True)
     if is_offline():
-        return f"{model_name} / {weights} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-    return f"{model_name} / {weights} is not in the Hugging Face cache yet (download on first use)"
+        return MissingWeights(f"{model_name} / {weights} is not in the Hugging Face cache and HF_HUB_OFFLINE is set", True)
+    return MissingWeights(f"{model_name} / {weights} is not in the Hugging Face cache yet (download on first use)", False)

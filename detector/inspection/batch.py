@@ -8,12 +8,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import limits, maps
+from .. import maps
 from ..base import Detector
 from ..calibration import Calibration
 from ..errors import InvalidImageError
 from ..images import load_image
 from ..progress import ProgressCallback
+from ..requests import check_batch_size
 from .drawing import thumbnail
 
 
@@ -50,12 +51,6 @@ class BatchResult:
 def verdict(calibrated: float, threshold: float) -> str:
     """ "anomalous" when the calibrated score reaches the threshold, else "normal"."""
     return "anomalous" if float(calibrated) >= float(threshold) else "normal"
-
-
-def check_batch_size(count: int) -> None:
-    """Raise ``ValueError`` for more than ``limits.MAX_BATCH_QUERIES`` query images (or none)."""
-    if count > limits.MAX_BATCH_QUERIES:
-        raise ValueError(f"{count} query images given, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch")
 
 
 def _unpack(entry: Any) -> tuple[Detector, Calibration]:

@@ -81,12 +81,16 @@ class AnoPLeDetector(Detector):
         default_sigma=DEFAULT_SIGMA,
         needs_normals=True,
         options={
-            "preset": Option("fast", PRESETS, help="fast (default), faithful or text_only"),
-            "steps": Option(None, kind=int, help="prompt-learning steps (default: the preset's)"),
+            "preset": Option("fast", PRESETS, help="fast (default), faithful or text_only", label="AnoPLe preset"),
+            "steps": Option(
+                None, kind=int, help="prompt-learning steps (default: the preset's)", label="AnoPLe fit steps (empty or 0 = the preset's)"
+            ),
             "scoring": Option("full", SCORINGS, help="full fusion, prompt logits only, or memory bank only"),
             "multiview_tta": Option(False, (False, True), kind=bool, help="also decode the four quadrants"),
             "coupling": Option(None, (None, *COUPLINGS), help="bidirectional or none (default: the preset's)"),
         },
+        colour=(0, 200, 255),
+        app_options=("preset", "steps"),
     )
 
     # -- construction hooks ---------------------------------------------------------------

@@ -56,6 +56,7 @@ class FAPromptDetector(Detector):
             "prior_patches": Option("first", PRIOR_OPTIONS, help="official first-ten-patches quirk or the corrected top-k"),
             "precision": Option("fp32", PRECISION_OPTIONS, help="fp32 (official numbers) or opt-in bf16"),
         },
+        colour=(255, 160, 0),
     )
 
     # -- construction hooks ---------------------------------------------------------------

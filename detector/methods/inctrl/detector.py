@@ -90,6 +90,7 @@ class InCTRLDetector(Detector):
             "heads": Option("auto", HEADS_OPTIONS, help="trained heads (auto = when a checkpoint is loaded) or the training-free score"),
         },
         batch_size=8,
+        colour=(255, 0, 255),
     )
 
     # -- construction hooks ---------------------------------------------------------------
