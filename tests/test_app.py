@@ -38,7 +38,7 @@ def images(tmp_path_factory):
 def served(tmp_path_factory):
     from gradio_client import Client
 
-    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", anople_steps=1)
+    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", method_options={"anople": {"steps": 1}})
     factory = CountingFactory()
     service = InspectionService(config.service_config(), factory=factory)
     demo = app.build_demo(config, service=service)
@@ -207,14 +207,14 @@ def test_config_from_flags_and_environment():
     env = {"DETECTOR_BACKBONE": "tiny-test", "DETECTOR_BACKBONE_WEIGHTS": "random", "INCTRL_CHECKPOINT": "/x.pyth",
            "ANOPLE_PRESET": "faithful", "PORT": "7999", "GRADIO_SERVER_NAME": "0.0.0.0"}
     config = app.parse_config([], env)
-    assert (config.backbone, config.backbone_weights, config.inctrl_checkpoint) == ("tiny-test", "random", "/x.pyth")
-    assert (config.anople_preset, config.server_port, config.server_name) == ("faithful", 7999, "0.0.0.0")
+    assert (config.backbone, config.backbone_weights, config.checkpoints["inctrl"]) == ("tiny-test", "random", "/x.pyth")
+    assert (config.method_options["anople"]["preset"], config.server_port, config.server_name) == ("faithful", 7999, "0.0.0.0")
     service_config = config.service_config()
     assert service_config.checkpoints["inctrl"] == "/x.pyth"
     assert service_config.method_options["anople"]["preset"] == "faithful"
     flagged = app.parse_config(["--backbone", "ViT-B-16", "--server-port", "7001", "--anople-steps", "3"],
                                {**env, "GRADIO_SERVER_PORT": "7002"})
-    assert (flagged.backbone, flagged.server_port, flagged.anople_steps) == ("ViT-B-16", 7001, 3)
+    assert (flagged.backbone, flagged.server_port, flagged.method_options["anople"]["steps"]) == ("ViT-B-16", 7001, 3)
     assert app.parse_config([], {"GRADIO_SERVER_PORT": "7002", "PORT": "7003"}).server_port == 7002
     kwargs = app.launch_kwargs(config)
     assert kwargs["max_file_size"] == app.limits.MAX_UPLOAD_BYTES
@@ -227,9 +227,9 @@ def test_help_lists_every_flag(capsys):
         app.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag, variables, _, _ in app.CONFIG_FLAGS:
-        assert flag in text
-        for variable in variables:
+    for item in app.config_flags():
+        assert item.flag in text
+        for variable in item.variables:
             assert variable in text
     assert "--no-examples" in text
 
@@ -326,3 +326,42 @@ def test_python_app_starts_offline_with_banner(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_detect_keeps_its_published_inputs_and_appends_new_method_controls(monkeypatch):
+    """``/detect``'s inputs stay in their published order; the controls of a method
+    registered later are appended after them, never inserted."""
+    published = ["normals", "query", "methods", "object_name", "threshold", "alpha", "colormap",
+                 "anople_preset", "sigma", "anople_steps"]
+
+    def parameters(demo):
+        return [p["parameter_name"] for p in demo.get_api_info()["named_endpoints"]["/detect"]["parameters"]]
+
+    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", examples=False)
+    assert parameters(app.build_demo(config)) == published
+
+    from detector import registry
+    from detector.base import Detector, MethodOutput
+    from detector.spec import MethodSpec, Option
+
+    class WithControl(Detector):
+        def _encode(self, batch):
+            return None
+
+        def _score(self, encoded, batch):
+            return [MethodOutput(0.0, np.zeros(self.grid, np.float32)) for _ in batch.images]
+
+        spec = MethodSpec(
+            display_name="Late method", default_backbone="tiny-test", default_weights="random", resize="squash",
+            default_sigma=1.0, options={"power": Option(1.0, kind=float, label="Late method power")}, app_options=("power",),
+        )
+
+    detector_list = registry.list_methods()
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.register_method("late")(WithControl)
+    assert registry.list_methods() == [*detector_list, "late"]
+    demo = app.build_demo(config)
+    assert parameters(demo) == [*published, "late_power"]
+    from ui.config import config_parser
+
+    assert "--late-power" in config_parser().format_help() and "LATE_POWER" in config_parser().format_help()

@@ -48,7 +48,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo():
-    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", anople_steps=2, examples=False)
+    config = app.AppConfig(backbone="tiny-test", backbone_weights="random", method_options={"anople": {"steps": 2}}, examples=False)
     factory = CountingFactory()
     service = InspectionService(config.service_config(), factory=factory)
     blocks = app.build_demo(config, service=service)

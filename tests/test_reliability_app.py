@@ -32,7 +32,7 @@ from test_reliability import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = app.AppConfig(backbone="tiny-test", backbone_weights="random", anople_steps=1)
+CONFIG = app.AppConfig(backbone="tiny-test", backbone_weights="random", method_options={"anople": {"steps": 1}})
 
 
 def launch(demo):
@@ -155,7 +155,7 @@ def test_checkpoint_problems_reach_the_user_as_clear_errors(files, tmp_path):
     paths, _ = files
     marker = tmp_path / "marker"
     evil = hostile_checkpoints(tmp_path, marker)["torch_zip"]
-    handlers = app.InspectionApp(app.AppConfig(**TINY, inctrl_checkpoint=str(evil), examples=False))
+    handlers = app.InspectionApp(app.AppConfig(**TINY, checkpoints={"inctrl": str(evil)}, examples=False))
     normals = [(str(paths["normal0"]), None), (str(paths["normal1"]), None)]
     with pytest.raises(gr.Error, match=r"evil\.pyth holds Python objects other than tensors and was not loaded"):
         handlers.detect(normals, str(paths["query"]), ["InCTRL"], "object", 0.5, progress=None)
@@ -163,7 +163,7 @@ def test_checkpoint_problems_reach_the_user_as_clear_errors(files, tmp_path):
     shots8 = tmp_path / "shots8.safetensors"
     heads = create_detector("inctrl", **TINY).heads.state_dict()
     save_safetensors(shots8, heads, checkpoint_header(backbone="tiny-test", shots=8, epoch=1))
-    handlers = app.InspectionApp(app.AppConfig(**TINY, inctrl_checkpoint=str(shots8), examples=False))
+    handlers = app.InspectionApp(app.AppConfig(**TINY, checkpoints={"inctrl": str(shots8)}, examples=False))
     outputs = handlers.detect(normals, str(paths["query"]), ["InCTRL"], "object", 0.5, progress=None)
     warnings = outputs[0]["methods"]["inctrl"]["warnings"]
     assert any("trained with 8 normal images per query, 2 are fitted" in w for w in warnings)
