@@ -1,6 +1,6 @@
 """Building open_clip backbones: weights resolution, input resolution, intermediate tokens.
 
-Weights are resolved in one place (api.md, "Weights resolution order"):
+Weights are resolved in one place (docs/api.md §11):
 
 * ``"random"``: the architecture at a fixed random initialisation (seed 0);
 * a pretrained tag of open_clip (e.g. ``"laion400m_e32"``, ``"openai"``): the file comes
@@ -143,7 +143,7 @@ class Backbone:
 
     def map_block_index(self, index: int, official_blocks: int) -> int:
         """Map an official 0-based block index of an ``official_blocks``-block model onto
-        this model: ``round(index * L / official_blocks)`` (api.md, tiny-test)."""
+        this model: ``round(index * L / official_blocks)`` (docs/api.md §10)."""
         blocks = self.num_vision_blocks
         if blocks == official_blocks:
             return index

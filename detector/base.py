@@ -41,7 +41,7 @@ from .spec import MethodSpec
 from .timing import Stopwatch
 from .weights import resolve_default_weights, resolve_path
 
-#: Options every method accepts, with their defaults (README "Python API").
+#: Options every method accepts, with their defaults (docs/api.md §3).
 COMMON_OPTIONS: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0}
 
 

@@ -1,6 +1,6 @@
 """Calibration records: reference ranges and thresholds that put every method on one scale.
 
-Sources, in order (``Detector.calibrate``, docs in README "Calibration"):
+Sources, in order (``Detector.calibrate``, docs/calibration.md §3):
 
 1. ``stored``: a calibration record saved with the method's checkpoint;
 2. ``held-out normals``: extra normal images passed to ``calibrate(normals)``, scored as

@@ -25,7 +25,7 @@
     set (``split_folder``); for training commands ``good/`` is the training split.
 
 Every list is sorted by path so that drawing shots with a seed gives the same files on
-every machine (evaluation.md, §1-§2 and §6).
+every machine (docs/evaluation.md §1-§2 and §6).
 """
 
 from __future__ import annotations

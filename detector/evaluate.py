@@ -5,7 +5,7 @@ Example::
     python -m detector evaluate --method inctrl faprompt --dataset mvtec --root /data/mvtec \\
         --all-categories --shots 4 --seeds 0 1 2 3 4 --out results/mvtec.json
 
-Protocol (evaluation.md §2 and §6): for every method, category and seed the ``k`` normal
+Protocol (docs/evaluation.md §2 and §6): for every method, category and seed the ``k`` normal
 shots are drawn with ``numpy.random.default_rng(seed).choice(sorted(train_normals), k,
 replace=False)`` (folder layout: from ``good/``, and left out of the test set); the
 detector is built with that seed, fitted on the shots and asked for every test image

@@ -1,4 +1,4 @@
-"""Image- and pixel-level anomaly detection metrics (evaluation.md, §3 and §6).
+"""Image- and pixel-level anomaly detection metrics (docs/evaluation.md §3 and §6).
 
 Image level (one score per image, label 1 = anomalous):
     * AUROC — ``sklearn.metrics.roc_auc_score``.
@@ -45,7 +45,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 #: Integration limit of AUPRO.
 FPR_LIMIT = 0.3
-#: Default side length of the pixel-metric resolution (evaluation.md §6).
+#: Default side length of the pixel-metric resolution (docs/evaluation.md §6.3).
 DEFAULT_PIXEL_SIZE = 256
 #: Number of equal-width score bins of the streamed full-resolution mode.
 DEFAULT_BINS = 10_000

@@ -78,7 +78,7 @@ def create_detector(
     device: str = "cpu",
     **method_options_: Any,
 ) -> Detector:
-    """Build the detector registered as ``name`` (README "Python API").
+    """Build the detector registered as ``name`` (docs/api.md §1).
 
     Unknown keyword options raise ``TypeError`` listing the valid ones; a value outside an
     option's choices raises ``ValueError``.

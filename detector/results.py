@@ -2,7 +2,7 @@
 
 Typed records that the pipeline, the service and the inspection tools read by attribute.
 ``Explanation.to_dict`` and ``Description.to_dict`` give the plain dicts of the public
-``explain()`` and ``describe()`` calls (README "Python API"). A leaf module apart from the
+``explain()`` and ``describe()`` calls (docs/api.md §5, §7, §8). A leaf module apart from the
 ``Geometry`` record it carries.
 """
 

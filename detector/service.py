@@ -60,7 +60,7 @@ RANDOM_FALLBACK_WARNING = (
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """How detectors are built (api.md, "App configuration").
+    """How detectors are built (docs/api.md §16).
 
     Attributes:
         backbone: open_clip model name for every method; ``None`` = each method's official one.

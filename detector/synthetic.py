@@ -11,7 +11,7 @@ real inspection datasets (MVTec AD, VisA) cannot be shipped.
 * ``add_defect`` draws a scratch, spot, crack or missing patch with OpenCV in a colour
   that contrasts with the surface and returns the mask of exactly the pixels it changed.
 * ``write_mvtec_dataset`` / ``write_folder_dataset`` write the two dataset layouts the
-  evaluation tools read (see ``shared/specs/evaluation.md``).
+  evaluation tools read (see ``docs/evaluation.md`` §1 and §6.1).
 
 Everything random comes from ``numpy.random.default_rng`` seeded from the arguments;
 no global random state is used or changed.

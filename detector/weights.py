@@ -1,4 +1,4 @@
-"""Where pretrained weights come from, in one place (README "How weights are found").
+"""Where pretrained weights come from, in one place (docs/api.md §11).
 
 * ``resolve_default_weights``: the tag to use when a caller leaves ``backbone_weights`` unset;
 * ``weights_file``: the local file behind a tag, a path or an ``hf-hub:`` address, from the

@@ -498,7 +498,7 @@ def test_concurrent_service_requests_are_isolated():
 # 4. Bounded memory
 # ---------------------------------------------------------------------------------------
 #: Largest resident-memory growth accepted over 100 requests after warm-up (documented in
-#: docs/readme/limits.md).
+#: docs/api.md §12).
 MEMORY_GROWTH_BOUND_MB = 150
 
 

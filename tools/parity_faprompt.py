@@ -15,7 +15,7 @@ outside this repository; nothing of it is copied here. The script
    ``{"prompt_learner": state_dict}``; the image scores and the two per-pass similarity
    tensors are captured by wrapping the official functions that receive them;
 3. builds ``create_detector("faprompt", backbone="ViT-L-14-336", backbone_weights=<file>,
-   checkpoint=<file>)`` and compares ``score`` and ``raw_map`` (37 x 37, api.md) with the
+   checkpoint=<file>)`` and compares ``score`` and ``raw_map`` (37 x 37, docs/api.md §5) with the
    official values, plus the official 518 x 518 smoothed map with ours before the final
    resize;
 4. prints the maximum absolute differences and exits non-zero when one exceeds the tolerance.

@@ -1,5 +1,5 @@
 """What ``python app.py`` can be told: flags and environment variables, the same names
-(README "The app", "Configuration").
+(docs/api.md §16).
 
 Common settings apply to every method; each registered method adds ``--<method>-checkpoint``
 (``<METHOD>_CHECKPOINT``) and one flag per option its spec offers the app

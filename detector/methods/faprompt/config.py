@@ -1,5 +1,5 @@
 """FAPrompt's official numbers as data: backbone, sizes, block ranges, prompt shapes, options
-(facts from the official code, README "FAPrompt")."""
+(facts from the official code, docs/faprompt.md)."""
 
 from __future__ import annotations
 

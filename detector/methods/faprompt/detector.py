@@ -1,6 +1,6 @@
 """The registered FAPrompt adapter: the shared pipeline's hooks around ``FAPromptModel``.
 
-Zero-shot FAPrompt on OpenAI ``ViT-L-14-336`` at 518 px (README "FAPrompt"): the forward
+Zero-shot FAPrompt on OpenAI ``ViT-L-14-336`` at 518 px (docs/faprompt.md): the forward
 lives in ``model.py``, the encoders in ``encoders.py``, the prompt state and its checkpoint
 files in ``learner.py``, the prompts in ``prompts.py``.
 """

@@ -1,6 +1,6 @@
 """Train FAPrompt's prompt learner on an auxiliary anomaly dataset (official recipe).
 
-Follows ``train.py`` / ``train.sh`` of github.com/mala-lab/FAPrompt (spec faprompt.md, §8):
+Follows ``train.py`` / ``train.sh`` of github.com/mala-lab/FAPrompt (docs/faprompt.md §8):
 
 * data: the **test split** of the auxiliary dataset, with its masks (normal images get an empty
   mask); images preprocessed as at test time (squash resize to the input size, no

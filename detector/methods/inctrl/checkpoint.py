@@ -1,4 +1,4 @@
-"""What InCTRL knows about its checkpoint files (README "InCTRL", official checkpoints).
+"""What InCTRL knows about its checkpoint files (docs/inctrl.md §5).
 
 The official files are ``torch.save``d flat state dicts of 345 keys: the CLIP
 ``ViT-B-16-plus-240`` weights plus the 44 head keys under ``adapter.``, ``diff_head.`` and

@@ -2,7 +2,7 @@
 
 InCTRL (CVPR 2024) on open_clip ``ViT-B-16-plus-240`` / ``laion400m_e32`` at 240 px; the
 formulas live in ``model.py``, the prompts in ``prompts.py``, the checkpoint layouts in
-``checkpoint.py`` (README "InCTRL").
+``checkpoint.py`` (docs/inctrl.md).
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ class InCTRLHeads(nn.Module):
 
 
 def training_free_score(text_score: torch.Tensor, max_patch_residual: torch.Tensor) -> torch.Tensor:
-    """Score without trained heads (README "InCTRL", training-free mode): ``(text_score + max(M)) / 2``."""
+    """Score without trained heads (docs/api.md §13): ``(text_score + max(M)) / 2``."""
     return (text_score + max_patch_residual) / 2
 
 

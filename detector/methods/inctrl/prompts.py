@@ -1,5 +1,5 @@
 """InCTRL's text prompts for the text prior (official ``state_level`` / ``template_level`` /
-``get_texts``; docs: README "InCTRL"). Data only: the model encodes them."""
+``get_texts``; docs/inctrl.md §2). Data only: the model encodes them."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Follows the official recipe (``main.py`` / ``engine_IC.py`` of github.com/mala-l
   mode; the CLIP towers stay frozen.
 
 Deliberate difference: every query is scored against its own normals. The official forward
-mixes queries, layers and shots when the batch is larger than 1 (see ``docs/readme/inctrl.md``).
+mixes queries, layers and shots when the batch is larger than 1 (see ``docs/inctrl.md`` §3).
 Since the backbone is frozen and there is no augmentation, each image is encoded once and its
 features are kept in a bounded in-memory cache (``--feature-cache-mb``).
 
