@@ -181,6 +181,28 @@ class Backbone:
             "image_features": out["image_features"],
         }
 
+    def encode_text_to_end(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``encode_text`` (not normalised) run only up to the batch's last
+        end-of-text position: ``(T, 77)`` ids -> ``(T, E)``.
+
+        The text tower's attention is causal, so the features at each prompt's end token do
+        not depend on the positions after it; cutting them saves most of the work (the
+        InCTRL prompts end by position 17 of 77). Pools at the end token (``argmax`` of the
+        ids, open_clip's ``text_pool_type="argmax"``).
+        """
+        clip = self.model
+        if getattr(clip, "text_pool_type", "argmax") != "argmax":
+            return clip.encode_text(token_ids, normalize=False)
+        cast_dtype = clip.transformer.get_cast_dtype()
+        ends = token_ids.argmax(dim=-1)
+        length = int(ends.max()) + 1
+        x = clip.token_embedding(token_ids[:, :length]).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+        mask = clip.attn_mask[:length, :length] if getattr(clip, "attn_mask", None) is not None else None
+        x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+        pooled = x[torch.arange(x.shape[0], device=x.device), ends]
+        projection = clip.text_projection
+        return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``(T, 77)`` on the backbone's device."""
         return self.tokenizer(list(texts)).to(self.device)

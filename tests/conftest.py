@@ -7,6 +7,14 @@ import os
 # Before anything imports huggingface_hub or gradio: no network, no analytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Text features cached on disk go to a fresh folder per test run, never the user's cache.
+if "DETECTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DETECTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="detector-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DETECTOR_CACHE_DIR"], True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

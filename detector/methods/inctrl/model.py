@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...backbone import Backbone
+from ...feature_cache import cache_dir, entry_key, load_or_compute
 from .prompts import prompt_texts
 
 #: Official 0-based vision blocks whose outputs give the patch tokens (``out_layers=[7, 9, 11]``
@@ -42,11 +43,15 @@ OFFICIAL_BLOCKS = (6, 8, 10)
 OFFICIAL_NUM_BLOCKS = 12
 #: Temperature of the text prior, hard-coded in the official code (no ``logit_scale``).
 TEXT_TEMPERATURE = 100.0
+#: Changes when the way text features are computed changes (invalidates the disk cache).
+TEXT_FEATURES_VERSION = "end-token-cut"
 
 
 def encode_texts(backbone: Backbone, texts: Sequence[str]) -> torch.Tensor:
-    """CLIP text embeddings ``(T, E)``, not normalised (EOT pooling -> ``ln_final`` -> projection)."""
-    return backbone.model.encode_text(backbone.tokenize(texts), normalize=False)
+    """CLIP text embeddings ``(T, E)``, not normalised (EOT pooling -> ``ln_final`` -> projection),
+    computed only up to the batch's last end token (``Backbone.encode_text_to_end``: equal
+    to the full 77-token pass, the attention being causal)."""
+    return backbone.encode_text_to_end(backbone.tokenize(texts))
 
 
 @functools.lru_cache(maxsize=64)
@@ -54,16 +59,23 @@ def text_prior_features(backbone: Backbone, class_name: str) -> torch.Tensor:
     """The two text prototypes ``(2, E)`` (row 0 normal, row 1 abnormal), L2-normalised.
 
     Per side: normalise each prompt embedding, average, normalise again. Cached per
-    (backbone, class name): the prompts depend on nothing else.
+    (backbone, class name) in memory, and on disk (``detector.feature_cache``) keyed by the
+    text tower's weights and the prompts: the features depend on nothing else.
     """
-    rows = []
-    with torch.no_grad():
-        for texts in prompt_texts(class_name):
-            features = encode_texts(backbone, texts).float()
-            features = features / features.norm(dim=-1, keepdim=True)
-            mean = features.mean(dim=0)
-            rows.append(mean / mean.norm())
-    return torch.stack(rows).detach()
+    normal, abnormal = prompt_texts(class_name)
+
+    def compute() -> torch.Tensor:
+        rows = []
+        with torch.no_grad():
+            for texts in (normal, abnormal):
+                features = encode_texts(backbone, texts).float()
+                features = features / features.norm(dim=-1, keepdim=True)
+                mean = features.mean(dim=0)
+                rows.append(mean / mean.norm())
+        return torch.stack(rows).detach()
+
+    key = entry_key(backbone, "inctrl-text-prior-v1", [TEXT_FEATURES_VERSION, *normal, "|", *abnormal])
+    return load_or_compute(cache_dir(), key, compute).to(backbone.device)
 
 
 def text_prior_score(image_embeddings: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
