@@ -21,3 +21,7 @@ class WeightsUnavailableError(DetectorError, RuntimeError):
 
 class RequestTimeoutError(DetectorError):
     """A request ran past its time limit (the app uses ``limits.REQUEST_TIMEOUT_SECONDS``)."""
+
+
+class CancelledError(DetectorError):
+    """Background work that was cancelled (a new upload, or its session closed)."""

@@ -40,8 +40,13 @@ REQUEST_TIMEOUT_SECONDS = 600
 #: ``state_session_capacity``; Gradio's own default is 10000).
 MAX_STORED_SESSIONS = 64
 
-#: Fitted detectors the app keeps (least recently used ones are dropped first).
-FITTED_DETECTOR_CACHE_SIZE = 6
+#: Fitted detectors the app keeps (least recently used ones are dropped first); large enough
+#: that fits prefetched for a few sessions are not dropped before their Run.
+FITTED_DETECTOR_CACHE_SIZE = 24
+
+#: Background jobs (prefetch, warm start) that run at once; they always yield to a
+#: request's own work (``detector.scheduler``).
+MAX_BACKGROUND_JOBS = 1
 
 #: Distinct backbones kept in memory per process.
 BACKBONE_CACHE_SIZE = 4

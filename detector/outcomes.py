@@ -3,6 +3,7 @@ sentences that say which weights a method ran on."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,7 +18,11 @@ from .results import DetectionResult
 
 @dataclass
 class FittedDetector:
-    """One cache entry: a fitted detector, its calibration and its description."""
+    """One cache entry: a fitted detector, its calibration and its description.
+
+    ``provisional``: the calibration is the method's default until its leave-one-out
+    calibration lands (``InspectionService.calibrate_entry``).
+    """
 
     method: str
     detector: Detector
@@ -25,6 +30,8 @@ class FittedDetector:
     description: dict[str, Any]
     weights_fallback: str | None = None
     fit_seconds: float = 0.0
+    provisional: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class MethodOutcome:
     #: The fitted detector that produced ``result`` (for explanations from its cached
     #: features); not part of equality.
     detector: Detector | None = field(default=None, compare=False, repr=False)
+    #: The calibration is the method's default while its own is still being computed.
+    provisional: bool = False
 
     @property
     def calibrated_score(self) -> float:
@@ -76,6 +85,7 @@ class MethodOutcome:
             "calibration": self.calibration.source,
             "calibration_values": self.calibration.to_dict(),
             "reused_fit": self.reused_fit,
+            "provisional": self.provisional,
             "warnings": list(self.warnings),
         }
 

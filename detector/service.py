@@ -22,8 +22,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping, Sequence
+
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 from . import limits
 from .base import Detector, check_normal_count
@@ -32,9 +32,12 @@ from .images import LoadedImage, fingerprint, load_image
 from .inspection.batch import BatchResult, run_batch
 from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, weights_text
 from .progress import Deadline, ProgressCallback, scaled
+from .prefetch import Prefetcher
+from .scheduler import CancelToken, CpuScheduler
 from .registry import create_detector, get_method, list_methods, method_options
 from .requests import check_batch_size
-from .weights import MissingWeights, availability_problem, is_random as is_random_weights, resolve_default_weights
+from .service_config import ServiceConfig
+from .status import MethodStatus, method_status
 
 __all__ = [
     "FittedDetector",
@@ -56,30 +59,6 @@ RANDOM_FALLBACK_WARNING = (
     "pretrained weights unavailable ({reason}); running the same architecture with RANDOM weights: "
     "scores and maps are meaningless"
 )
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """How detectors are built (docs/api.md §16).
-
-    Attributes:
-        backbone: open_clip model name for every method; ``None`` = each method's official one.
-        backbone_weights: pretrained tag / file / ``"random"`` for every method; ``None`` =
-            each method's official weights.
-        checkpoints: per method name (lower case), a checkpoint path or ``hf-hub:`` address.
-        method_options: per method name, default keyword options (e.g. ``{"anople":
-            {"preset": "fast"}}``); request options override them.
-        device: torch device string.
-        fallback_to_random: on ``WeightsUnavailableError`` build the method with
-            ``backbone_weights="random"`` instead of failing.
-    """
-
-    backbone: str | None = None
-    backbone_weights: str | None = None
-    checkpoints: Mapping[str, str | None] = field(default_factory=dict)
-    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    device: str = "cpu"
-    fallback_to_random: bool = True
 
 
 def _freeze(value: Any) -> Hashable:
@@ -105,6 +84,7 @@ class InspectionService:
         *,
         cache_size: int = limits.FITTED_DETECTOR_CACHE_SIZE,
         factory: DetectorFactory = create_detector,
+        scheduler: CpuScheduler | None = None,
     ) -> None:
         if int(cache_size) < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size!r}")
@@ -114,6 +94,10 @@ class InspectionService:
         self._cache: OrderedDict[tuple, FittedDetector] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
+        #: Callers inside ``fitted`` per key (a cancelled fit goes on while another waits).
+        self._waiters: dict[tuple, int] = {}
+        self.scheduler = scheduler or CpuScheduler()
+        self.prefetcher = Prefetcher(self)
         #: Number of ``fit`` calls made (for tests and diagnostics).
         self.fit_count = 0
         #: Methods that fell back to random weights: method -> reason.
@@ -177,8 +161,16 @@ class InspectionService:
         options: Mapping[str, Any] | None = None,
         normals_fingerprint: str | None = None,
         progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        defer_calibration: bool = False,
     ) -> tuple[FittedDetector, bool]:
         """The fitted detector for (method, options, normals), from the cache or new.
+
+        Model work runs in the scheduler's slot. ``cancel`` (background work) is checked at
+        every stage boundary and progress step, but never stops a fit someone else waits
+        for; a cancelled or failed fit leaves nothing behind. With ``defer_calibration`` a
+        method whose calibration costs encoder forwards is cached with its default
+        calibration marked ``provisional`` (``calibrate_entry`` finishes it).
 
         Returns ``(entry, reused)``. Raises ``ValueError`` for a normal-image count the
         method does not accept, ``InvalidImageError`` for an unusable image.
@@ -187,49 +179,89 @@ class InspectionService:
         options = dict(options if options is not None else self.options_for(cls.name))
         loaded = [load_image(image) for image in normals]
         check_normal_count(len(loaded), cls.display_name, required=cls.requires_fit)
-        digest = normals_fingerprint or fingerprint(loaded)
-        key = self.cache_key(cls.name, options, digest)
+        key = self.cache_key(cls.name, options, normals_fingerprint or fingerprint(loaded))
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
+            self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            with key_lock:
+                with self._lock:
+                    entry = self._cache.get(key)
+                    if entry is not None:
+                        self._cache.move_to_end(key)
+                if entry is None:
+                    return self._fit_new(cls, key, options, loaded, progress, cancel, defer_calibration), False
+            if not defer_calibration and entry.provisional:
+                entry = self.calibrate_entry(entry)
+            return entry, True
+        finally:
             with self._lock:
-                entry = self._cache.get(key)
-                if entry is not None:
-                    self._cache.move_to_end(key)
-                    return entry, True
-            try:
-                if progress is not None:
-                    progress(0.0, f"loading {cls.display_name}")
+                self._waiters[key] -= 1
+                if not self._waiters[key]:
+                    del self._waiters[key]
+
+    def _stage(self, key: tuple, cancel: CancelToken | None, progress: ProgressCallback | None) -> ProgressCallback:
+        """The progress callback of a fit: report, stop if cancelled (unless another caller
+        waits on the same fit), and hand the CPU to a waiting request."""
+
+        def report(fraction: float, message: str) -> None:
+            if cancel is not None and cancel.cancelled:
+                with self._lock:
+                    shared = self._waiters.get(key, 0) > 1
+                if not shared:
+                    cancel.check(message)
+            self.scheduler.yield_to_foreground()
+            if progress is not None:
+                progress(fraction, message)
+
+        return report
+
+    def _fit_new(self, cls, key, options, loaded, progress, cancel, defer_calibration) -> FittedDetector:
+        stage = self._stage(key, cancel, progress)
+        try:
+            with self.scheduler.slot(f"fit {cls.name}"):
+                stage(0.0, f"loading {cls.display_name}")
                 detector, fallback = self._build(cls.name, options)
                 start = time.perf_counter()
-                detector.fit(loaded, progress=scaled(progress, 0.05, 0.9, f"fitting {cls.display_name}"))
+                detector.fit(loaded, progress=scaled(stage, 0.05, 0.9, f"fitting {cls.display_name}"))
                 fit_seconds = time.perf_counter() - start
-                if progress is not None:
-                    progress(0.9, f"calibrating {cls.display_name}")
-                calibration = detector.calibrate()
-            except BaseException:
-                # Nothing is cached for a failed fit: drop its lock too, so failing requests
-                # leave nothing behind.
-                with self._lock:
-                    if key not in self._cache:
-                        self._key_locks.pop(key, None)
-                raise
-            entry = FittedDetector(
-                method=cls.name,
-                detector=detector,
-                calibration=calibration,
-                description=dict(detector.describe()),
-                weights_fallback=fallback,
-                fit_seconds=fit_seconds,
-            )
+                provisional = defer_calibration and cls.spec.cost.defers_calibration and detector.num_normals >= 2
+                stage(0.9, f"calibrating {cls.display_name}")
+                calibration = detector.default_calibration() if provisional else detector.calibrate()
+        except BaseException:
+            # Nothing is cached for a failed or cancelled fit: drop its lock too, so failing
+            # requests leave nothing behind.
             with self._lock:
-                self.fit_count += 1
-                self._cache[key] = entry
-                self._cache.move_to_end(key)
-                while len(self._cache) > self.cache_size:
-                    dropped, _ = self._cache.popitem(last=False)
+                if key not in self._cache and not self._waiters.get(key, 0) > 1:
+                    self._key_locks.pop(key, None)
+            raise
+        entry = FittedDetector(
+            method=cls.name,
+            detector=detector,
+            calibration=calibration,
+            description=dict(detector.describe()),
+            weights_fallback=fallback,
+            fit_seconds=fit_seconds,
+            provisional=provisional,
+        )
+        with self._lock:
+            self.fit_count += 1
+            self._cache[key] = entry
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                dropped, _ = self._cache.popitem(last=False)
+                if dropped not in self._waiters:
                     self._key_locks.pop(dropped, None)
-            return entry, False
+        return entry
+
+    def calibrate_entry(self, entry: FittedDetector) -> FittedDetector:
+        """A provisional entry's final calibration (computed once, under the entry's lock)."""
+        with entry.lock:
+            if entry.provisional:
+                with self.scheduler.slot(f"calibrate {entry.method}"):
+                    entry.calibration = entry.detector.calibrate()
+                entry.provisional = False
+        return entry
 
     # -- one query, several methods --------------------------------------------------------
     @staticmethod
@@ -296,7 +328,25 @@ class InspectionService:
             progress=scaled(progress, 0.3, 1.0, "scoring"),
         )
 
-    def inspect(
+    def inspect(self, methods: Sequence[str], normals: Sequence[Any], query: Any, **kwargs: Any) -> InspectionReport:
+        """Run ``methods`` on ``query`` against ``normals`` and return the final report
+        (every calibration done); the arguments are those of ``iter_inspect``."""
+        report = None
+        for report in self.iter_inspect(methods, normals, query, **kwargs):
+            pass
+        assert report is not None
+        return report
+
+    def order_methods(self, methods: Sequence[str], normals_count: int, fitted: Mapping[str, bool]) -> list[str]:
+        """``methods`` fastest first: by each spec's cost to a first answer (a cached fit
+        costs nothing), registration order on ties."""
+        order = {name: i for i, name in enumerate(list_methods())}
+        return sorted(
+            methods,
+            key=lambda m: (get_method(m).spec.cost.first_answer(normals_count, fitted=fitted.get(m, False)), order.get(m, 0)),
+        )
+
+    def iter_inspect(
         self,
         methods: Sequence[str],
         normals: Sequence[Any],
@@ -305,9 +355,13 @@ class InspectionService:
         class_name: str = "object",
         options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: ProgressCallback | None = None,
+        method_progress: Callable[[str, str], None] | None = None,
         timeout: float | None = None,
-    ) -> InspectionReport:
-        """Run ``methods`` on ``query`` against ``normals``; see the module docstring.
+    ) -> Iterator[InspectionReport]:
+        """Run ``methods`` on ``query`` against ``normals``, yielding the report each time a
+        method finishes (fastest first). A method whose calibration costs encoder forwards
+        (``RelativeCost.defers_calibration``) is first yielded with its default calibration
+        marked ``provisional``; the last report has every calibration final.
 
         Args:
             methods: method names (any case); duplicates are ignored.
@@ -315,7 +369,8 @@ class InspectionService:
             query: the query image.
             class_name: object word for text prompts, passed to every method.
             options: per-method option overrides, e.g. ``{"anople": {"preset": "fast"}}``.
-            progress: ``progress(fraction, message)``.
+            progress: ``progress(fraction, message)`` over the whole call.
+            method_progress: ``method_progress(method, message)`` per method.
             timeout: seconds the whole call may take (``None`` = no limit); checked before
                 each fit and prediction and at every fit progress step.
 
@@ -330,83 +385,62 @@ class InspectionService:
         loaded_query = load_image(query)
         digest = fingerprint(loaded_normals)
         deadline = Deadline(timeout)
-        outcomes = []
+        per_method = {name: self.options_for(name, class_name, (options or {}).get(name)) for name in names}
+        cached = set(self.cached_keys())
+        requested = list(names)  # the report lists the methods in the order asked for
+        names = self.order_methods(names, len(loaded_normals), {n: self.cache_key(n, per_method[n], digest) in cached for n in names})
+        outcomes: dict[str, MethodOutcome] = {}
         share = 1.0 / len(names)
+
+        def report() -> InspectionReport:
+            return InspectionReport(
+                outcomes=tuple(outcomes[n] for n in requested if n in outcomes),
+                query=loaded_query,
+                num_normals=len(loaded_normals),
+                normals_fingerprint=digest,
+                normals=tuple(loaded_normals),
+            )
+
+        entries: dict[str, FittedDetector] = {}
         for index, name in enumerate(names):
             cls = get_method(name)
-            method_options = self.options_for(name, class_name, (options or {}).get(name))
             base = index * share
+            tell = _method_reporter(name, cls.display_name, progress, method_progress, base, share)
             deadline.check(f"before {cls.display_name}")
-            entry, reused = self.fitted(
+            entries[name], reused = self.fitted(
                 name,
                 loaded_normals,
-                options=method_options,
+                options=per_method[name],
                 normals_fingerprint=digest,
-                progress=deadline.guard(scaled(progress, base, base + 0.8 * share, cls.display_name), cls.display_name),
+                progress=deadline.guard(tell, cls.display_name),
+                defer_calibration=True,
             )
             deadline.check(f"before scoring with {cls.display_name}")
-            if progress is not None:
-                progress(base + 0.8 * share, f"{cls.display_name}: scoring the query")
+            tell(0.8, "scoring the query")
             start = time.perf_counter()
-            result = entry.detector.predict(loaded_query)
-            seconds = time.perf_counter() - start
-            warnings = list(result.warnings)
-            if entry.weights_fallback:
-                warnings.append(entry.weights_fallback)
-            elif is_meaningless(entry.description):
-                warnings.append("backbone runs on random weights: scores and maps are meaningless")
-            if cls.spec.trained_offline and not entry.description.get("trained", True):
-                warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
-            outcomes.append(
-                MethodOutcome(
-                    method=name,
-                    display_name=cls.display_name,
-                    result=result,
-                    calibration=entry.calibration,
-                    description=entry.description,
-                    seconds=seconds,
-                    warnings=tuple(dict.fromkeys(warnings)),
-                    weights_fallback=entry.weights_fallback,
-                    reused_fit=reused,
-                    detector=entry.detector,
-                )
-            )
+            with self.scheduler.slot(f"predict {name}"):
+                result = entries[name].detector.predict(loaded_query)
+            outcomes[name] = _outcome(cls, entries[name], result, time.perf_counter() - start, reused)
+            tell(1.0, "provisional (calibrating)" if entries[name].provisional else "done")
+            yield report()
+        pending = [n for n in names if entries[n].provisional]
+        for name in pending:
+            deadline.check(f"before calibrating {get_method(name).display_name}")
+            entry = self.calibrate_entry(entries[name])
+            outcomes[name] = dataclasses.replace(outcomes[name], calibration=entry.calibration, provisional=False)
+            if method_progress is not None:
+                method_progress(name, "done")
         if progress is not None:
             progress(1.0, "done")
-        return InspectionReport(
-            outcomes=tuple(outcomes),
-            query=loaded_query,
-            num_normals=len(loaded_normals),
-            normals_fingerprint=digest,
-            normals=tuple(loaded_normals),
-        )
+        if pending:
+            yield report()
+
 
     # -- start-up facts ----------------------------------------------------------------------
     def method_status(self, method: str) -> MethodStatus:
         """Without building anything: which weights ``method`` will run on, and what is
         missing (the app's start-up banner draws this)."""
-        cls = get_method(method)
-        spec = cls.spec
-        model_name = self.config.backbone or spec.default_backbone
-        checkpoint = self.config.checkpoints.get(cls.name)
-        status = MethodStatus(
-            method=cls.name,
-            display_name=spec.display_name,
-            model_name=model_name,
-            fallback=self.fallbacks.get(cls.name),
-            training_free=spec.trained_offline and not checkpoint,
-        )
-        if checkpoint and _supplies_backbone(cls, checkpoint):
-            return status
-        try:
-            weights = resolve_default_weights(
-                model_name, self.config.backbone_weights, default_model=spec.default_backbone, default_weights=spec.default_weights
-            )
-        except ValueError:  # no default for this model: building it says so clearly
-            return status
-        if is_random_weights(weights):
-            return dataclasses.replace(status, random_by_choice=True)
-        return dataclasses.replace(status, missing=availability_problem(model_name, weights))
+        return method_status(self.config, method, self.fallbacks)
 
     def weights_status(self, method: str) -> tuple[str, str | None]:
         """``(model_name, problem)``: ``method_status`` as plain values (``problem`` = why the
@@ -415,34 +449,38 @@ class InspectionService:
         return status.model_name, None if status.missing is None else status.missing.message
 
 
-@dataclass(frozen=True)
-class MethodStatus:
-    """What a method will run on, known before it is built (``InspectionService.method_status``).
+def _method_reporter(
+    name: str, display_name: str, progress: ProgressCallback | None, method_progress: Callable[[str, str], None] | None, base: float, share: float
+) -> ProgressCallback:
+    """One method's progress: its own message, and its share of the whole call's."""
 
-    Attributes:
-        method, display_name: the method.
-        model_name: its backbone.
-        missing: pretrained weights not in the cache (``blocking``: a run falls back to
-            random weights), or ``None``.
-        random_by_choice: the configuration asks for random weights (tests, ``tiny-test``).
-        fallback: the warning of a fall-back to random weights that already happened.
-        training_free: a method trained offline runs without a checkpoint.
-    """
+    def tell(fraction: float, message: str) -> None:
+        if method_progress is not None:
+            method_progress(name, f"{display_name}: {message}" if message else display_name)
+        if progress is not None:
+            progress(base + share * min(max(float(fraction), 0.0), 1.0), f"{display_name}: {message}" if message else display_name)
 
-    method: str
-    display_name: str
-    model_name: str
-    missing: MissingWeights | None = None
-    random_by_choice: bool = False
-    fallback: str | None = None
-    training_free: bool = False
+    return tell
 
 
-def _supplies_backbone(cls: type[Detector], checkpoint: str) -> bool:
-    """The method's own answer; a file that cannot be read now counts as not supplying it
-    (building the detector later reports the real problem)."""
-    try:
-        return bool(cls.checkpoint_supplies_backbone(checkpoint))
-    except Exception as error:  # start-up facts must never stop start-up
-        LOG.warning("could not read checkpoint %s: %s", checkpoint, error)
-        return False
+def _outcome(cls: type[Detector], entry: FittedDetector, result: Any, seconds: float, reused: bool) -> MethodOutcome:
+    warnings = list(result.warnings)
+    if entry.weights_fallback:
+        warnings.append(entry.weights_fallback)
+    elif is_meaningless(entry.description):
+        warnings.append("backbone runs on random weights: scores and maps are meaningless")
+    if cls.spec.trained_offline and not entry.description.get("trained", True):
+        warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
+    return MethodOutcome(
+        method=cls.name,
+        display_name=cls.display_name,
+        result=result,
+        calibration=entry.calibration,
+        description=entry.description,
+        seconds=seconds,
+        warnings=tuple(dict.fromkeys(warnings)),
+        weights_fallback=entry.weights_fallback,
+        reused_fit=reused,
+        detector=entry.detector,
+        provisional=entry.provisional,
+    )

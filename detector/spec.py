@@ -44,6 +44,32 @@ class Option:
 
 
 @dataclass(frozen=True)
+class RelativeCost:
+    """Rough cost of a method's stages in forwards of one ViT-B-16-plus-240 image encoder at
+    240 px (the benchmark's unit), used to run the fastest methods first and to decide which
+    calibrations are worth deferring. Measured ratios, not promises.
+
+    Attributes:
+        predict: one query.
+        fit_per_normal: ``fit`` per normal image (prompt learning included).
+        calibration_per_normal: leave-one-out calibration per normal image.
+    """
+
+    predict: float = 1.0
+    fit_per_normal: float = 1.0
+    calibration_per_normal: float = 0.0
+
+    def first_answer(self, normals: int, *, fitted: bool) -> float:
+        """Cost until a first answer: the fit when not cached, then one prediction."""
+        return self.predict + (0.0 if fitted else self.fit_per_normal * normals)
+
+    @property
+    def defers_calibration(self) -> bool:
+        """Calibration costs encoder forwards: show the answer first, calibrate after."""
+        return self.calibration_per_normal >= 1.0
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """Everything about a method that is data, read by the shared pipeline.
 
@@ -69,6 +95,7 @@ class MethodSpec:
         colour: RGB of the method's contour in the app's comparison strip (``None`` = a
             colour from the app's fallback list).
         app_options: the options the app offers as controls, in order.
+        cost: rough stage costs (``RelativeCost``).
     """
 
     display_name: str
@@ -87,6 +114,7 @@ class MethodSpec:
     default_calibration: Calibration = field(default_factory=lambda: fixed_calibration(0.0, 1.0, 0.5))
     colour: tuple[int, int, int] | None = None
     app_options: tuple[str, ...] = ()
+    cost: RelativeCost = field(default_factory=RelativeCost)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.app_options if name not in self.options]

@@ -23,7 +23,7 @@ from ...preprocess import preprocess
 from ...maps import patch_box
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
-from ...spec import MethodSpec, Option
+from ...spec import MethodSpec, Option, RelativeCost
 from .config import COUPLINGS, PRESETS, SCORINGS, AnoPLeConfig, block_layout, preset_config
 from .decoder import GLOBAL_VIEW, LOCAL_VIEW
 from .encoders import PromptedCLIP
@@ -90,6 +90,7 @@ class AnoPLeDetector(Detector):
             "coupling": Option(None, (None, *COUPLINGS), help="bidirectional or none (default: the preset's)"),
         },
         colour=(0, 200, 255),
+        cost=RelativeCost(predict=0.7, fit_per_normal=8.0),
         app_options=("preset", "steps"),
     )
 

@@ -19,7 +19,7 @@ from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, Progr
 from ...checkpoints import CheckpointInfo
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, PromptSimilarity
-from ...spec import MethodSpec, Option
+from ...spec import MethodSpec, Option, RelativeCost
 from ...weights import resolve_path
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_OPTIONS, PRIOR_OPTIONS, PROMPTS_OPTIONS
 from .encoders import method_image_size, quick_gelu_for
@@ -57,6 +57,7 @@ class FAPromptDetector(Detector):
             "precision": Option("fp32", PRECISION_OPTIONS, help="fp32 (official numbers) or opt-in bf16"),
         },
         colour=(255, 160, 0),
+        cost=RelativeCost(predict=19.0, fit_per_normal=0.0, calibration_per_normal=19.0),
     )
 
     # -- construction hooks ---------------------------------------------------------------

@@ -21,7 +21,7 @@ from ...weights import resolve_path
 from ...geometry import Geometry
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
-from ...spec import MethodSpec, Option
+from ...spec import MethodSpec, Option, RelativeCost
 from .checkpoint import HEAD_PREFIXES, InCTRLCheckpoint, head_state_shapes, inspect_checkpoint, read_checkpoint
 from .model import (
     InCTRLHeads,
@@ -91,6 +91,7 @@ class InCTRLDetector(Detector):
         },
         batch_size=8,
         colour=(255, 0, 255),
+        cost=RelativeCost(predict=1.0, fit_per_normal=1.0),
     )
 
     # -- construction hooks ---------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""One CPU scheduler, prefetch and cancellation (``detector.scheduler``, ``detector.prefetch``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from detector.base import Detector, MethodOutput
+from detector.scheduler import CancelToken, CpuScheduler
+from detector.service import InspectionService
+from detector.spec import MethodSpec
+
+GUARD = 60.0  # generous bound against hangs, not a speed target
+
+
+class SteppedDetector(Detector):
+    """Fits in ``steps`` progress steps, each waiting for ``gate``; score = |mean - reference|."""
+
+    spec = MethodSpec(display_name="Stepped", default_backbone="tiny-test", default_weights="random", resize="squash", default_sigma=0.0)
+
+    def __init__(self, name, probe, **options):
+        super().__init__(class_name=options.pop("class_name", "object"))
+        self.name = name
+        self.probe = probe
+
+    def _fit(self, normals, progress):
+        with self.probe.lock:
+            self.probe.fitting += 1
+        try:
+            for step in range(self.probe.steps):
+                assert self.probe.gate.wait(GUARD)
+                with self.probe.lock:  # model work: never two pieces at once
+                    self.probe.working += 1
+                    self.probe.most = max(self.probe.most, self.probe.working)
+                time.sleep(0.002)
+                with self.probe.lock:
+                    self.probe.working -= 1
+                self.probe.events.append(("fit-step", self.name, step))
+                if progress is not None:
+                    progress((step + 1) / self.probe.steps, f"step {step + 1}/{self.probe.steps}")
+            self.reference = float(np.mean([im.rgb.mean() for im in normals.images])) if len(normals) else 0.0
+        finally:
+            with self.probe.lock:
+                self.probe.fitting -= 1
+
+    def _encode(self, batch):
+        self.probe.events.append(("predict", self.name, None))
+        return [float(image.rgb.mean()) for image in batch.images]
+
+    def _score(self, encoded, batch):
+        return [MethodOutput(abs(m - self.reference) / 255.0, np.zeros((2, 2), np.float32)) for m in encoded]
+
+
+class Probe:
+    def __init__(self, steps=3):
+        self.steps = steps
+        self.gate = threading.Event()
+        self.gate.set()
+        self.lock = threading.Lock()
+        self.fitting = 0
+        self.working = 0
+        self.most = 0
+        self.events = []
+        self.built = 0
+
+    def factory(self, name, *, backbone=None, backbone_weights=None, checkpoint=None, device="cpu", **options):
+        self.built += 1
+        return SteppedDetector(name, self, **options)
+
+
+def flat(value, size=(16, 16)):
+    return np.full((*size, 3), value, np.uint8)
+
+
+def wait_until(condition, what):
+    end = time.monotonic() + GUARD
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_cancelled_prefetch_leaves_nothing_behind():
+    probe = Probe(steps=5)
+    probe.gate.clear()
+    service = InspectionService(factory=probe.factory)
+    job = service.prefetcher.start("session-a", ["inctrl"], [flat(10)])
+    wait_until(lambda: probe.fitting == 1, "the fit to start")
+    service.prefetcher.start("session-a", ["inctrl"], [flat(99)])  # a new upload replaces the work
+    assert job.token.cancelled and job.status() == "cancelled"
+    probe.gate.set()
+    job.wait(GUARD)  # the cancelled fit stops at its next step
+    newer = service.prefetcher.job("session-a")
+    newer.wait(GUARD)
+    assert newer.status() == "ready"
+    assert len(service.cached_keys()) == 1  # only the new normals' fit
+    assert service.fit_count == 1 and len(service._key_locks) == 1 and not service._waiters
+
+
+def test_cancelling_never_stops_a_fit_another_session_waits_on():
+    probe = Probe(steps=4)
+    probe.gate.clear()
+    service = InspectionService(factory=probe.factory)
+    normals = [flat(40), flat(60)]
+    job = service.prefetcher.start("a", ["inctrl"], normals)
+    wait_until(lambda: probe.fitting == 1, "the prefetch fit to start")
+    results = {}
+    other = threading.Thread(target=lambda: results.setdefault("b", service.inspect(["inctrl"], normals, flat(200))))
+    other.start()
+    wait_until(lambda: sum(service._waiters.values()) == 2, "session b to wait on the same fit")
+    service.prefetcher.cancel("a")  # session a closes
+    probe.gate.set()
+    other.join(GUARD)
+    job.wait(GUARD)
+    report = results["b"]
+    assert report.outcomes[0].reused_fit and service.fit_count == 1 and probe.built == 1
+    assert report.outcomes[0].result.score == pytest.approx(150 / 255)
+
+
+def test_a_request_runs_before_background_work():
+    probe = Probe(steps=6)
+    probe.gate.clear()
+    service = InspectionService(factory=probe.factory)
+    service.prefetcher.start("background", ["inctrl"], [flat(1)])
+    wait_until(lambda: probe.fitting == 1, "the background fit to start")
+    done = threading.Event()
+    threading.Thread(target=lambda: (service.inspect(["inctrl"], [flat(2)], flat(3)), done.set())).start()
+    wait_until(lambda: service.scheduler._foreground_waiting == 1, "the request to wait for the slot")
+    probe.gate.set()
+    assert done.wait(GUARD)
+    service.prefetcher.job("background").wait(GUARD)
+    kinds = [kind for kind, _ in service.scheduler.grants]
+    first_foreground = kinds.index("foreground")
+    assert kinds[:first_foreground] == ["background"]  # the background fit held the slot ...
+    assert kinds[first_foreground + 1 :].count("background") >= 1  # ... and resumed only after the request
+    steps = [e for e in probe.events if e[0] == "fit-step"]
+    request_fit = [i for i, e in enumerate(probe.events) if e[0] == "predict"][0]
+    background_steps_before = sum(1 for i, e in enumerate(probe.events[:request_fit]) if e[0] == "fit-step")
+    assert background_steps_before < 6 + 6 and len(steps) == 12  # the request finished before the background fit did
+
+
+def test_twelve_sessions_get_their_own_results_and_background_work_stays_bounded():
+    probe = Probe(steps=2)
+    service = InspectionService(factory=probe.factory)
+    values = [10 + 15 * i for i in range(12)]
+    for i, value in enumerate(values):
+        service.prefetcher.start(f"s{i}", ["inctrl"], [flat(value)])
+    reports = {}
+
+    def run(i):
+        reports[i] = service.inspect(["inctrl"], [flat(values[i])], flat(250))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(GUARD)
+    for i in range(12):
+        service.prefetcher.job(f"s{i}").wait(GUARD)
+        assert reports[i].outcomes[0].result.score == pytest.approx(abs(250 - values[i]) / 255)
+    assert probe.most == 1  # one piece of model work at a time: the scheduler's single slot
+    assert service.fit_count == 12
+
+
+def test_scheduler_slot_is_reentrant_and_background_is_bounded():
+    scheduler = CpuScheduler(background_jobs=1)
+    with scheduler.slot("outer"):
+        with scheduler.slot("inner"):
+            pass
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def job():
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+
+    futures = [scheduler.submit(job) for _ in range(5)]
+    for future in futures:
+        future.result(GUARD)
+    assert most[0] == 1
+    with pytest.raises(ValueError):
+        CpuScheduler(background_jobs=0)
+    token = CancelToken()
+    token.check("fine")
+    token.cancel()
+    with pytest.raises(Exception, match="cancelled"):
+        token.check("stage")
