@@ -257,6 +257,10 @@ class Detector(abc.ABC):
     def _explain_patch(self, result: DetectionResult, row: int, col: int, query_box: Box) -> Explanation:
         raise NotImplementedError(f"{self.display_name} has no explanation tool")
 
+    def warm_up(self) -> None:
+        """Compute what every later call reuses (e.g. text features of the class name), so a
+        warm start leaves nothing for the first request. Default: nothing."""
+
     def _result_warnings(self) -> tuple[str, ...]:
         """Warnings that hold for every result of this detector (e.g. a shot-count mismatch)."""
         return ()

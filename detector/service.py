@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -429,12 +430,25 @@ class InspectionService:
             entry = self.calibrate_entry(entries[name])
             outcomes[name] = dataclasses.replace(outcomes[name], calibration=entry.calibration, provisional=False)
             if method_progress is not None:
-                method_progress(name, "done")
+                method_progress(name, f"{get_method(name).display_name}: done")
         if progress is not None:
             progress(1.0, "done")
         if pending:
             yield report()
 
+
+    def warm_start(self, methods: Sequence[str]) -> Future:
+        """Build ``methods`` with the configured options and let each compute what later
+        calls reuse (``Detector.warm_up``), as background work; returns its future."""
+        names = [get_method(m).name for m in methods]
+
+        def run() -> None:
+            for name in names:
+                with self.scheduler.slot(f"warm start {name}"):
+                    detector, _ = self._build(name, self.options_for(name))
+                    detector.warm_up()
+
+        return self.scheduler.submit(run)
 
     # -- start-up facts ----------------------------------------------------------------------
     def method_status(self, method: str) -> MethodStatus:

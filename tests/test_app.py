@@ -365,3 +365,18 @@ def test_detect_keeps_its_published_inputs_and_appends_new_method_controls(monke
     from ui.config import config_parser
 
     assert "--late-power" in config_parser().format_help() and "LATE_POWER" in config_parser().format_help()
+
+
+def test_prefetch_endpoint_returns_when_ready_and_run_reuses_it(served, tmp_path):
+    demo, client, factory = served
+    normals = []
+    for i in range(2):
+        normals.append(tmp_path / f"prefetch{i}.png")
+        Image.fromarray(synthetic.texture("grain", 7, 64, 30 + i)).save(normals[-1])
+    query = tmp_path / "prefetch_query.png"
+    Image.fromarray(synthetic.texture("grain", 7, 64, 40)).save(query)
+    status = client.predict(gallery(*normals), ["InCTRL", "FAPrompt"], "fabric", api_name="/prefetch")  # as detect() asks
+    assert status == "ready"
+    fits = factory.fits
+    outputs = detect(client, gallery(*normals), query, ["InCTRL", "FAPrompt"])
+    assert all(entry["reused_fit"] for entry in outputs[0]["methods"].values()) and factory.fits == fits

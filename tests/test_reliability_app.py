@@ -232,14 +232,15 @@ def test_uploads_above_the_size_limit_are_refused(served, tmp_path):
     assert response.status_code == 200
 
 
-def test_only_detect_is_a_public_endpoint(served):
-    """Everything else (threshold redraw, visibility) is private, and the examples' loader
-    only takes the index of a listed example: no client can fill server-side stores."""
+def test_only_detect_and_prefetch_are_public_endpoints(served):
+    """``/detect`` and ``/prefetch`` (work before Run, for API callers) are public; everything
+    else (threshold redraw, visibility, progress) is private, and the examples' loader only
+    takes the index of a listed example: no client can fill server-side stores."""
     from gradio_client.exceptions import AppError
 
     demo, client, _ = served
     info = client.view_api(return_format="dict", print_info=False)
-    assert list(info["named_endpoints"]) == ["/detect"] and not info["unnamed_endpoints"]
+    assert sorted(info["named_endpoints"]) == ["/detect", "/prefetch"] and not info["unnamed_endpoints"]
     rerender = next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == "rerender")
     with pytest.raises(ValueError, match="Invalid function index"):
         client.predict(None, None, 0.3, 0.5, "jet", fn_index=rerender)

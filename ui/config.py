@@ -29,6 +29,7 @@ class AppConfig:
         device, threads: torch device and CPU threads.
         server_name, server_port: where Gradio listens.
         examples: offer the example sets.
+        warm_start: build the models in the background right after start-up.
     """
 
     backbone: str | None = None
@@ -40,6 +41,7 @@ class AppConfig:
     server_name: str | None = None
     server_port: int | None = None
     examples: bool = True
+    warm_start: bool = False
 
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(
@@ -144,6 +146,10 @@ def config_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-examples", action="store_true", default=None, help="do not offer the example sets [DETECTOR_NO_EXAMPLES=1]"
     )
+    parser.add_argument(
+        "--no-warm-start", action="store_true", default=None,
+        help="do not build the models in the background at start-up (tests, low memory) [DETECTOR_WARM_START=0]",
+    )
     return parser
 
 
@@ -169,7 +175,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
             detail = str(error) if str(error).startswith("--") else f"{source}={text!r} is not a valid {item.kind.__name__}"
             raise SystemExit(detail) from None
     no_examples = args.no_examples or environ.get("DETECTOR_NO_EXAMPLES", "").strip().lower() in {"1", "true", "yes"}
-    return AppConfig(examples=not no_examples, **values)
+    no_warm = args.no_warm_start or environ.get("DETECTOR_WARM_START", "").strip().lower() in {"0", "false", "no", "off"}
+    return AppConfig(examples=not no_examples, warm_start=not no_warm, **values)
 
 
 __all__ = ["AppConfig", "COMMON_FLAGS", "ConfigFlag", "config_flags", "config_parser", "limits", "method_flags", "parse_config"]

@@ -80,11 +80,22 @@ def with_signature(function: Callable[..., Any], parameters: Sequence[inspect.Pa
     keywords."""
     signature = inspect.Signature(list(parameters))
 
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
+    def arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return function(**bound.arguments)
+        return bound.arguments
+
+    if inspect.isgeneratorfunction(function):
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            yield from function(**arguments(args, kwargs))
+
+    else:
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return function(**arguments(args, kwargs))
 
     call.__signature__ = signature  # type: ignore[attr-defined]
     return call

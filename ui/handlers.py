@@ -9,9 +9,10 @@ import shutil
 import tempfile
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import gradio as gr
 
@@ -102,10 +103,17 @@ def progress_callback(progress: Any) -> Callable[[float, str], None] | None:
     return callback
 
 
-def call_service(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the service; its refusals become ``gr.Error`` with their message."""
+def _session(request: Any) -> str:
+    """The session a request belongs to (``""`` for direct Python calls)."""
+    return str(getattr(request, "session_hash", "") or "")
+
+
+@contextmanager
+def service_errors() -> Iterator[None]:
+    """The service's refusals become ``gr.Error`` with their message; anything else is
+    logged and reported without stopping the server."""
     try:
-        return function(*args, **kwargs)
+        yield
     except gr.Error:
         raise
     except (DetectorError, ValueError) as error:
@@ -114,6 +122,12 @@ def call_service(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     except Exception as error:  # keep serving; the log has the traceback
         LOG.exception("inspection failed")
         raise gr.Error(f"The inspection failed ({type(error).__name__}: {error}). See the server log.") from None
+
+
+def call_service(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the service under ``service_errors``."""
+    with service_errors():
+        return function(*args, **kwargs)
 
 
 class InspectionApp:
@@ -132,13 +146,25 @@ class InspectionApp:
         #: Reports of the clicked examples (few and small), by example key.
         self.example_reports: dict[str, InspectionReport] = {}
         self.downloads = DownloadFolder()
-        advanced = advanced_parameters(self.controls) + leading_parameters(["progress"], {"progress": gr.Progress()})
+        #: Per session: what each method of its running request is doing (``#progress-<method>``).
+        self.progress_board: dict[str, dict[str, str]] = {}
+        self.warm_status = "warm start off"
+        extra = leading_parameters(["progress", "request"], {"progress": gr.Progress(), "request": None})
+        extra[1] = extra[1].replace(annotation=gr.Request)
+        advanced = advanced_parameters(self.controls) + extra
         main = leading_parameters(["normals", "query", "methods", "object_name", "threshold"], {"object_name": "object", "threshold": 0.5})
         batch = leading_parameters(["files", "normals", "methods", "object_name", "threshold"], {"object_name": "object", "threshold": 0.5})
+        prefetch = leading_parameters(["normals", "methods", "object_name"], {"object_name": "object"})
+        self.detect_stream = with_signature(self.detect_steps, main + advanced)
+        self.detect_stream.__name__ = "detect_stream"
         self.detect = with_signature(self.detect_form, main + advanced)
         self.detect.__name__ = "detect"
         self.run_batch = with_signature(self.batch_form, batch + advanced)
         self.run_batch.__name__ = "run_batch"
+        self.prefetch = with_signature(self.prefetch_form, prefetch + advanced)
+        self.prefetch.__name__ = "prefetch_on_change"
+        self.prefetch_and_wait = with_signature(self.prefetch_wait_form, prefetch + advanced)
+        self.prefetch_and_wait.__name__ = "prefetch"
 
     # -- requests ------------------------------------------------------------------------------
     def chosen_methods(self, methods: Sequence[str] | None) -> list[str]:
@@ -168,29 +194,102 @@ class InspectionApp:
 
     # -- the main endpoint -------------------------------------------------------------------------
     def detect_form(self, **form: Any) -> tuple:
-        """``/detect``: score the query against the normals with the ticked methods."""
-        report = self.run(form)
-        if report is None:
-            return (*self.empty_outputs(), None)
-        return (*self.render(report, form["threshold"], form["alpha"], form["colormap"]), report)
+        """``/detect`` for Python callers: the final outputs of ``detect_steps``."""
+        outputs = None
+        for outputs in self.detect_steps(**form):
+            pass
+        return outputs
 
-    def run(self, form: Mapping[str, Any]) -> InspectionReport | None:
+    def detect_steps(self, **form: Any) -> Iterator[tuple]:
+        """``/detect``: score the query against the normals with the ticked methods,
+        yielding the outputs each time a method finishes (API callers get the last, final
+        outputs). Each method's own progress goes to the session's progress board."""
         query = form.get("query")
         if query is None or query == "":
             raise gr.Error("Upload a query image (the image to inspect) first.")
         request = self.request(form.get("normals"), form.get("methods"), form)
         if request is None:
-            return None
-        return call_service(
-            self.service.inspect,
+            yield (*self.empty_outputs(), None)
+            return
+        session = _session(form.get("request"))
+        board = self.progress_board.setdefault(session, {})
+        board.clear()
+        board.update({m: f"{views.display_name(m)}: waiting" for m in request.methods})
+        steps = self.service.iter_inspect(
             request.methods,
             request.normals,
             query,
             class_name=views.object_word(form.get("object_name")),
             options=request.options,
             progress=progress_callback(form.get("progress")),
+            method_progress=lambda method, message: board.__setitem__(method, message),
             timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
         )
+        try:
+            while True:
+                with service_errors():
+                    report = next(steps, None)
+                if report is None:
+                    return
+                yield (*self.render(report, form["threshold"], form["alpha"], form["colormap"]), report)
+        finally:
+            steps.close()
+
+    def tick(self, request: gr.Request = None) -> tuple:
+        """The timer's refresh: each method's progress, the background work, the server."""
+        return (*self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}")
+
+    def progress_texts(self, request: gr.Request = None) -> list[str]:
+        """``#progress-<method>`` of the session: what each method of its request is doing."""
+        board = self.progress_board.get(_session(request), {})
+        return [board.get(method, "") for method in self.methods]
+
+    # -- work before Run -----------------------------------------------------------------------
+    def prefetch_form(self, **form: Any) -> str:
+        """The normals, methods, object name or an option changed: start everything that
+        depends only on them in the background for this session; returns the status."""
+        session = _session(form.get("request"))
+        try:
+            chosen = self.chosen_methods(form.get("methods"))
+            paths = gallery_paths(form.get("normals"))
+            options = form_options(form_values(self.controls, form), form.get("sigma"), methods=self.methods)
+            job = self.service.prefetcher.start(
+                session, chosen, paths, class_name=views.object_word(form.get("object_name")), options=options
+            )
+        except (gr.Error, DetectorError, ValueError, TypeError) as error:
+            return f"not prefetched: {error}"
+        return job.status()
+
+    def prefetch_wait_form(self, **form: Any) -> str:
+        """``/prefetch``: as ``prefetch_form``, returning when the work is done."""
+        status = self.prefetch_form(**form)
+        job = self.service.prefetcher.job(_session(form.get("request")))
+        if job is None:
+            return status
+        job.wait(limits.REQUEST_TIMEOUT_SECONDS)
+        return job.status()
+
+    def prefetch_status(self, request: gr.Request = None) -> str:
+        """``#prefetch-status``: what the session's background work is doing, or "ready"."""
+        job = self.service.prefetcher.job(_session(request))
+        return "" if job is None else f"Prepared in the background: {job.status()}"
+
+    def session_closed(self, request: gr.Request = None) -> None:
+        """The page closed: cancel its background work and forget its progress."""
+        session = _session(request)
+        self.service.prefetcher.cancel(session)
+        self.progress_board.pop(session, None)
+
+    def warm_start(self, methods: Sequence[str] | None = None) -> None:
+        """Build the configured models and their default text features in the background
+        (``#warm-status`` says when the server is ready)."""
+        self.warm_status = "warming up: building the models"
+
+        def done(future) -> None:
+            error = future.exception()
+            self.warm_status = "ready" if error is None else f"warm start failed: {error}"
+
+        self.service.warm_start(list(methods or self.methods)).add_done_callback(done)
 
     def detect_example(self, normals: Any, query: Any, methods: Sequence[str], object_name: str, threshold: float) -> tuple:
         """Examples pass the five main inputs; advanced settings keep their defaults.

@@ -121,6 +121,9 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             "(0.5 = that method's threshold), so one slider decides for all of them. No images at hand? Pick an example at the bottom of the page."
         )
         banner = gr.Markdown(banner_text, elem_id="banner", elem_classes=[banner_class])
+        with gr.Row():
+            warm_status = gr.Markdown(f"Server: {handlers.warm_status}", elem_id="warm-status", elem_classes=["small-text"])
+            prefetch_status = gr.Markdown("", elem_id="prefetch-status", elem_classes=["small-text"])
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
@@ -172,11 +175,12 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         colorbar = gr.HTML(views.colorbar_html("jet"), elem_id="colorbar")
         with gr.Tabs(selected="single", elem_id="views") as tabs:
             with gr.Tab("Single query", id="single"):
-                columns, per_method_outputs, raw_images, overlay_images = [], [], [], []
+                columns, per_method_outputs, raw_images, overlay_images, progress_texts = [], [], [], [], []
                 with gr.Row(equal_height=False):
                     for method in methods:
                         with gr.Column(elem_classes=["method-col"], elem_id=f"col-{method}", min_width=260) as column:
                             header = gr.Markdown(f"### {views.display_name(method)}", elem_id=f"verdict-{method}", elem_classes=["verdict"])
+                            progress_texts.append(gr.Markdown("", elem_id=f"progress-{method}", elem_classes=["small-text"]))
                             overlay_img = gr.Image(
                                 format="png", interactive=False, height=260, label=f"{views.display_name(method)} · anomaly map (calibrated)",
                                 elem_id=f"overlay-{method}", buttons=["download", "fullscreen"],
@@ -267,7 +271,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         advanced_inputs = [named_inputs[name] for name in advanced_names(handlers.controls)]
 
         run.click(
-            handlers.detect,
+            handlers.detect_stream,
             inputs=main_inputs + advanced_inputs,
             outputs=render_outputs + [state],
             api_name="detect",
@@ -330,6 +334,30 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             handlers.detect, inputs=main_inputs + advanced_inputs, outputs=render_outputs + [state], api_visibility="private",
         ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
 
+        # Work before Run: whatever depends only on the normals, methods, object name and
+        # options starts in the background; a timer shows each method's progress and the
+        # session's background work.
+        prefetch_inputs = [normals, method_choice, object_name, *advanced_inputs]
+        for control in (normals, method_choice, *[c for c in advanced_inputs if c not in (alpha, colormap)]):
+            control.change(
+                handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private",
+                queue=False, trigger_mode="always_last",
+            )
+        object_name.submit(handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private", queue=False)
+        object_name.blur(handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private", queue=False)
+        prefetch_button = gr.Button("prefetch", visible=False)
+        prefetch_button.click(
+            handlers.prefetch_and_wait, inputs=prefetch_inputs, outputs=[prefetch_status], api_name="prefetch",
+            api_description="Start the fits and calibrations of these normals, methods and options; returns when ready.",
+            concurrency_id="prefetch", concurrency_limit=limits.MAX_QUEUED_JOBS, time_limit=limits.REQUEST_TIMEOUT_SECONDS,
+        )
+        ticker = gr.Timer(0.5)
+        ticker.tick(
+            handlers.tick,
+            outputs=[*progress_texts, prefetch_status, warm_status], api_visibility="private", queue=False, show_progress="hidden",
+        )
+        demo.unload(handlers.session_closed)
+
         if config.examples:
             rows, labels = example_rows(methods)
             if rows:
@@ -346,5 +374,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                 )
 
     demo.queue(default_concurrency_limit=limits.MAX_CONCURRENT_JOBS, max_size=limits.MAX_QUEUED_JOBS)
+    if config.warm_start:
+        handlers.warm_start()
     demo.inspection_app = handlers  # type: ignore[attr-defined]
     return demo

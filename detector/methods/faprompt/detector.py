@@ -151,6 +151,10 @@ class FAPromptDetector(Detector):
             self._normal_outputs = outputs
         return list(self._normal_outputs)
 
+    def warm_up(self) -> None:
+        """The pass-1 text features of the prompts."""
+        self.text_state()
+
     # -- prediction --------------------------------------------------------------------------
     def text_state(self) -> TextState:
         """Pass-1 text features, computed once per detector (prompt state)."""

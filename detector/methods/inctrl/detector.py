@@ -153,6 +153,10 @@ class InCTRLDetector(Detector):
     def _details(self) -> dict[str, Any]:
         return {"heads": self.options["heads"], "blocks": list(self.blocks), "checkpoint_shots": self.header.get("shots")}
 
+    def warm_up(self) -> None:
+        """The text prior of the class name (cached in memory and on disk)."""
+        text_prior_features(self.backbone, self.class_name)
+
     def _result_warnings(self) -> tuple[str, ...]:
         shots = self.header.get("shots")
         if shots is not None and int(shots) != self.num_normals:
