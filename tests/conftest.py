@@ -7,6 +7,8 @@ import os
 # Before anything imports huggingface_hub or gradio: no network, no analytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Apps started by tests (in-process or as a subprocess) build nothing before they are asked.
+os.environ.setdefault("DETECTOR_WARM_START", "0")
 # Text features cached on disk go to a fresh folder per test run, never the user's cache.
 if "DETECTOR_CACHE_DIR" not in os.environ:
     import atexit
