@@ -83,3 +83,13 @@ def test_markdown_table_lists_each_method(quick_result):
 
 def test_percentile_interpolates():
     assert bench._percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+
+
+def test_first_answer_benchmark_quick_prints_every_ratio(capsys):
+    from benchmarks import first_answer
+
+    assert first_answer.main(["--quick", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    for name in first_answer.TARGETS:
+        assert f"| {name} |" in text
+    assert "F (ViT-L-14-336 @ 518)" in text

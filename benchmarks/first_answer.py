@@ -1,0 +1,199 @@
+"""What a person waits for: ``python -m benchmarks.first_answer [--quick] [--threads 2] [--out FILE]``.
+
+Drives the app's own handlers (``ui.InspectionApp``: the code behind the Run button and the
+background work, without the browser) with the official architectures at random
+initialisation, k = 3 normal images, all registered methods and the default object name,
+and measures in one process:
+
+* F: one plain ViT-L-14-336 forward at 518 px; B: one plain ViT-B-16-plus-240 forward at
+  240 px; P: the methods' plain ``predict`` times added, through the Python API;
+* (a) cold: after the warm start has finished, normals and query given and Run at once:
+  time to the first method's result and to all of them (a provisional calibration counts as
+  shown);
+* (b) prefetched: the normals' background work started and finished, then Run: time to all;
+* (c) a second query against the same normals.
+
+Targets (issue "first answer"): cold first <= 8 B, cold all <= 5 F, prefetched all <= 1.2 P,
+second query <= 1.2 P. ``--quick`` runs the tiny backbone (seconds; the tests use it).
+Prints a Markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+SHOTS = 3
+QUERY_SIZE = (256, 320)
+
+
+def _forward_seconds(model_name: str, image_size: int | None, repeats: int = 3) -> float:
+    """Median seconds of one plain ``encode_image`` forward (random weights)."""
+    import torch
+
+    from detector.backbone import load_backbone
+
+    backbone = load_backbone(model_name, "random", image_size=image_size)
+    size = backbone.image_size
+    batch = torch.randn(1, 3, size, size)
+    times = []
+    with torch.inference_mode():
+        backbone.model.encode_image(batch)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backbone.model.encode_image(batch)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _images(folder: Path) -> tuple[list[tuple[str, None]], list[str]]:
+    from PIL import Image
+
+    from detector import synthetic
+
+    normals = []
+    for index in range(SHOTS):
+        path = folder / f"normal_{index}.png"
+        Image.fromarray(synthetic.texture("weave", 5, QUERY_SIZE, index)).save(path)
+        normals.append((str(path), None))
+    queries = []
+    for index in range(2):
+        image, _ = synthetic.add_defect(synthetic.texture("weave", 5, QUERY_SIZE, 20 + index), seed=index)
+        path = folder / f"query_{index}.png"
+        Image.fromarray(image).save(path)
+        queries.append(str(path))
+    return normals, queries
+
+
+def _handlers(quick: bool, faprompt_checkpoint: str):
+    import ui
+
+    checkpoints = {"faprompt": faprompt_checkpoint}  # its learned configuration, as the official code runs
+    config = ui.AppConfig(backbone="tiny-test" if quick else None, backbone_weights="random", checkpoints=checkpoints, examples=False)
+    return ui.InspectionApp(config)
+
+
+def _timed_run(handlers: Any, normals: list, query: str, methods: list[str], session: str) -> dict[str, float]:
+    """Seconds from Run to the first method shown and to all of them."""
+    request = types.SimpleNamespace(session_hash=session)
+    start = time.perf_counter()
+    first = None
+    shown = 0
+    for outputs in handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=request):
+        shown = len(outputs[0]["methods"])
+        if first is None:
+            first = time.perf_counter() - start
+        if shown == len(methods):
+            break  # every method shown (provisional calibrations count)
+    total = time.perf_counter() - start
+    return {"first_s": float(first or total), "all_s": total}
+
+
+def run(quick: bool, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    from detector import create_detector
+    from detector.registry import get_spec, list_methods
+
+    methods = list_methods()
+    names = [get_spec(m).display_name for m in methods]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        normals, queries = _images(folder)
+        from benchmarks.run import _random_prompt_learner
+
+        learner = str(_random_prompt_learner(quick, folder))
+        F = _forward_seconds("tiny-test" if quick else "ViT-L-14-336", 96 if quick else 518)
+        B = _forward_seconds("tiny-test" if quick else "ViT-B-16-plus-240", None)
+        plain = {}
+        for method in methods:
+            options = {"checkpoint": learner} if method == "faprompt" else {}
+            det = create_detector(method, backbone="tiny-test" if quick else None, backbone_weights="random", **options)
+            det.fit([p for p, _ in normals])
+            det.predict(queries[0])
+            start = time.perf_counter()
+            det.predict(queries[0])
+            plain[method] = time.perf_counter() - start
+        P = sum(plain.values())
+
+        handlers = _handlers(quick, learner)
+        handlers.warm_start()
+        while handlers.warm_status.startswith("warming"):
+            time.sleep(0.1)
+        cold = _timed_run(handlers, normals, queries[0], names, "cold")
+        second = _timed_run(handlers, normals, queries[1], names, "cold")
+
+        fresh = _handlers(quick, learner)
+        fresh.warm_start()
+        while fresh.warm_status.startswith("warming"):
+            time.sleep(0.1)
+        request = types.SimpleNamespace(session_hash="prefetched")
+        start = time.perf_counter()
+        fresh.prefetch(normals, names, "object", request=request)
+        fresh.service.prefetcher.job("prefetched").wait()
+        prefetch_s = time.perf_counter() - start
+        prefetched = _timed_run(fresh, normals, queries[0], names, "prefetched")
+    result = {
+        "threads": threads,
+        "quick": quick,
+        "F_s": F,
+        "B_s": B,
+        "P_s": P,
+        "plain_predict_s": plain,
+        "cold_first_s": cold["first_s"],
+        "cold_all_s": cold["all_s"],
+        "prefetch_s": prefetch_s,
+        "prefetched_all_s": prefetched["all_s"],
+        "second_query_s": second["all_s"],
+    }
+    result["ratios"] = {
+        "cold_first / B": cold["first_s"] / B,
+        "cold_all / F": cold["all_s"] / F,
+        "prefetched_all / P": prefetched["all_s"] / P,
+        "second_query / P": second["all_s"] / P,
+    }
+    return result
+
+
+TARGETS = {"cold_first / B": 8.0, "cold_all / F": 5.0, "prefetched_all / P": 1.2, "second_query / P": 1.2}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"F (ViT-L-14-336 @ 518) = {result['F_s']:.3g} s, B (ViT-B-16-plus-240 @ 240) = {result['B_s']:.3g} s, "
+        f"P (plain predicts added) = {result['P_s']:.3g} s; {result['threads']} threads; background prefetch took "
+        f"{result['prefetch_s']:.3g} s",
+        "",
+        "| measure | seconds | ratio | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    seconds = {"cold_first / B": "cold_first_s", "cold_all / F": "cold_all_s", "prefetched_all / P": "prefetched_all_s", "second_query / P": "second_query_s"}
+    for name, ratio in result["ratios"].items():
+        met = "yes" if ratio <= TARGETS[name] else "no"
+        lines.append(f"| {name} | {result[seconds[name]]:.3g} | {ratio:.2f} | <= {TARGETS[name]} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.first_answer", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random backbone (seconds)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.threads)
+    sys.stdout.write(markdown(result) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
