@@ -31,7 +31,10 @@ import torch
 from . import limits, maps
 from .backbone import Backbone, load_backbone
 from .calibration import Calibration, calibration_from_normals
+from .artefacts import Converted, ConvertRequest, MethodArtefacts, PlannedFile, RemoteFile, set_slug
+from .checkpoint_sets import CheckpointSet, is_set_address, resolve_set
 from .checkpoints import CheckpointInfo, key_groups, read_header, state_keys
+from .errors import CheckpointError
 from .geometry import Geometry, input_geometry
 from .images import LoadedImage, load_image
 from .preprocess import Preprocess, preprocess_batch
@@ -134,6 +137,8 @@ class Detector(abc.ABC):
         preprocess_spec: the ``Preprocess`` built from the spec.
         options: the method's own options, defaults filled in.
         checkpoint: the checkpoint argument, or ``None``.
+        checkpoint_set: the set ``checkpoint`` names, or ``None`` for one file.
+        checkpoint_file: the file in use (for a set: the member chosen at ``fit``).
         stored_calibration: a calibration record that came with the checkpoint.
         normal_geometries: geometries of the fitted normal images, in fit order.
     """
@@ -171,7 +176,13 @@ class Detector(abc.ABC):
         self._fitted = False
         self._num_normals = 0
         self._validate()
-        artefact = self._read_checkpoint(resolve_path(checkpoint)) if checkpoint is not None else None
+        self.checkpoint_set: CheckpointSet | None = None
+        self.checkpoint_file: str | None = None
+        artefact = None
+        if checkpoint is not None:
+            path = self._first_checkpoint_file(str(checkpoint))
+            self.checkpoint_file = str(path)
+            artefact = self._read_checkpoint(path)
         choice = self._backbone_choice(backbone, backbone_weights, artefact)
         self.backbone: Backbone = load_backbone(
             choice.model_name,
@@ -187,6 +198,18 @@ class Detector(abc.ABC):
         self.grid: tuple[int, int] = self.backbone.grid_size
         self.preprocess_spec = Preprocess(self.image_size, self.spec.resize, self.spec.mean, self.spec.std)
         self._build(artefact)
+
+    def _first_checkpoint_file(self, checkpoint: str) -> Path:
+        """The file itself, or for a set the member for the largest shot count (the one
+        for the actual k is chosen at ``fit``)."""
+        if not is_set_address(checkpoint):
+            return resolve_path(checkpoint)
+        if not self.spec.checkpoint_sets:
+            raise CheckpointError(f"{self.display_name} takes one checkpoint file, not a set: {checkpoint}")
+        artefacts = self.artefacts()
+        default_set = artefacts.default_set if artefacts else None
+        self.checkpoint_set = resolve_set(checkpoint, method=self.name, inspect=type(self).inspect_checkpoint, default_set=default_set)
+        return self.checkpoint_set.members[-1].path
 
     @classmethod
     def _checked_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +244,32 @@ class Detector(abc.ABC):
 
     def _build(self, artefact: Any) -> None:
         """Build the method's own modules (and load the checkpoint read into ``artefact``)."""
+
+    def _use_checkpoint(self, artefact: Any) -> None:
+        """Load another member of the checkpoint set (read by ``_read_checkpoint``) into the
+        built modules; only methods whose spec sets ``checkpoint_sets``."""
+        raise NotImplementedError(f"{self.display_name} cannot switch checkpoints")
+
+    # -- hooks: artefacts (python -m detector weights, docs/api.md §19) ---------------------
+    @classmethod
+    def artefacts(cls) -> MethodArtefacts | None:
+        """Where the method's trained files come from and which are known; ``None`` =
+        nothing to download besides the CLIP weights."""
+        return None
+
+    @classmethod
+    def plan_downloads(
+        cls, listing: Sequence[RemoteFile], *, shots: Sequence[int] = (), trained_on: str | None = None
+    ) -> list[PlannedFile]:
+        """What each listed file is (``AmbiguousListing`` when the rules cannot tell); ``shots``
+        keeps only those shot counts, ``trained_on`` names a set the listing does not."""
+        return [PlannedFile(item, None, trained_on, set_slug(trained_on or "default")) for item in listing]
+
+    @classmethod
+    def convert_checkpoint(cls, source: Path, out_dir: Path, request: ConvertRequest) -> Converted:
+        """Write ``source`` (a published file) as the package's heads-only safetensors
+        under ``out_dir``; ``CheckpointError`` for a file that does not fit."""
+        raise CheckpointError(f"{cls.spec.display_name} has no convert step")
 
     @classmethod
     def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
@@ -308,6 +357,11 @@ class Detector(abc.ABC):
         images = list(normal_images or [])
         check_normal_count(len(images), self.display_name, required=self.spec.needs_normals)
         batch = self.prepare([load_image(image) for image in images])
+        if self.checkpoint_set is not None:
+            member = self.checkpoint_set.choose(len(batch))
+            if str(member.path) != self.checkpoint_file:
+                self._use_checkpoint(self._read_checkpoint(member.path))
+                self.checkpoint_file = str(member.path)
         self._fit(batch, progress)
         self._fitted = True
         self._num_normals = len(batch)
@@ -426,6 +480,7 @@ class Detector(abc.ABC):
             backbone_weights=self.backbone_weights_text,
             image_size=self.image_size,
             checkpoint=self.checkpoint,
+            checkpoint_file=self.checkpoint_file,
             trained=bool(self.is_trained),
             mode=self.mode,
             sigma=self.map_sigma,

@@ -69,6 +69,9 @@ class MethodSpec:
         colour: RGB of the method's contour in the app's comparison strip (``None`` = a
             colour from the app's fallback list).
         app_options: the options the app offers as controls, in order.
+        checkpoint_sets: ``checkpoint=`` may name a set of files for several shot counts
+            (a folder, ``"official[:<set>]"``, ``"hf-hub:<org>/<repo>"``); the file is chosen
+            at ``fit`` (docs/api.md §19).
     """
 
     display_name: str
@@ -87,6 +90,7 @@ class MethodSpec:
     default_calibration: Calibration = field(default_factory=lambda: fixed_calibration(0.0, 1.0, 0.5))
     colour: tuple[int, int, int] | None = None
     app_options: tuple[str, ...] = ()
+    checkpoint_sets: bool = False
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.app_options if name not in self.options]
