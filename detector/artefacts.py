@@ -38,7 +38,8 @@ class WeightsSource:
             passes the link: ``location`` is empty or a last known link), ``"hf-hub"``.
         location: folder id, URL or repository id.
         page: the page a person opens to download by hand.
-        licence: the licence of the files as published.
+        licence: the licence of the files as published, for people.
+        licence_id: its Hugging Face / SPDX id for model cards (``"apache-2.0"``, ``"mit"``).
         note: one sentence about the source (e.g. "the authors' link moves").
     """
 
@@ -46,6 +47,7 @@ class WeightsSource:
     location: str
     page: str
     licence: str
+    licence_id: str = "other"
     note: str = ""
 
 

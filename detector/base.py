@@ -119,6 +119,13 @@ class BackboneChoice:
     description: str | None = None
 
 
+def set_arguments(cls: type["Detector"]) -> dict[str, Any]:
+    """Keyword arguments of ``checkpoint_sets.resolve_set`` / ``checkpoint_in_use`` for a method."""
+    artefacts = cls.artefacts()
+    default_set = artefacts.default_set if artefacts else None
+    return {"method": cls.name, "inspect": cls.inspect_checkpoint, "default_set": default_set, "by_shots": cls.spec.needs_normals}
+
+
 def check_normal_count(count: int, method: str, *, required: bool) -> None:
     """Raise ``ValueError`` when ``count`` normal images are not acceptable."""
     if count > limits.MAX_NORMAL_IMAGES:
@@ -206,9 +213,7 @@ class Detector(abc.ABC):
             return resolve_path(checkpoint)
         if not self.spec.checkpoint_sets:
             raise CheckpointError(f"{self.display_name} takes one checkpoint file, not a set: {checkpoint}")
-        artefacts = self.artefacts()
-        default_set = artefacts.default_set if artefacts else None
-        self.checkpoint_set = resolve_set(checkpoint, method=self.name, inspect=type(self).inspect_checkpoint, default_set=default_set)
+        self.checkpoint_set = resolve_set(checkpoint, **set_arguments(type(self)))
         return self.checkpoint_set.members[-1].path
 
     @classmethod
@@ -246,8 +251,7 @@ class Detector(abc.ABC):
         """Build the method's own modules (and load the checkpoint read into ``artefact``)."""
 
     def _use_checkpoint(self, artefact: Any) -> None:
-        """Load another member of the checkpoint set (read by ``_read_checkpoint``) into the
-        built modules; only methods whose spec sets ``checkpoint_sets``."""
+        """Load another member of the checkpoint set (from ``_read_checkpoint``) into the built modules."""
         raise NotImplementedError(f"{self.display_name} cannot switch checkpoints")
 
     # -- hooks: artefacts (python -m detector weights, docs/api.md §19) ---------------------
@@ -258,17 +262,14 @@ class Detector(abc.ABC):
         return None
 
     @classmethod
-    def plan_downloads(
-        cls, listing: Sequence[RemoteFile], *, shots: Sequence[int] = (), trained_on: str | None = None
-    ) -> list[PlannedFile]:
+    def plan_downloads(cls, listing: Sequence[RemoteFile], *, shots: Sequence[int] = (), trained_on: str | None = None) -> list[PlannedFile]:
         """What each listed file is (``AmbiguousListing`` when the rules cannot tell); ``shots``
         keeps only those shot counts, ``trained_on`` names a set the listing does not."""
         return [PlannedFile(item, None, trained_on, set_slug(trained_on or "default")) for item in listing]
 
     @classmethod
     def convert_checkpoint(cls, source: Path, out_dir: Path, request: ConvertRequest) -> Converted:
-        """Write ``source`` (a published file) as the package's heads-only safetensors
-        under ``out_dir``; ``CheckpointError`` for a file that does not fit."""
+        """Write a published file as the package's safetensors under ``out_dir`` (``CheckpointError`` if unfit)."""
         raise CheckpointError(f"{cls.spec.display_name} has no convert step")
 
     @classmethod

@@ -125,10 +125,12 @@ class CheckpointSet:
         return min(self.members, key=lambda m: (abs(m.shots - int(k)), -m.shots))
 
     def summary(self) -> str:
-        """``"k = 2, 4, 8 (MVTec AD)"``."""
-        trained = sorted({m.trained_on for m in self.members if m.trained_on})
+        """``"k = 2, 4, 8 (MVTec AD)"`` (zero-shot sets: the training set alone)."""
+        trained = ", ".join(sorted({m.trained_on for m in self.members if m.trained_on}))
+        if self.shots == (0,):
+            return f"trained on {trained}" if trained else "1 file"
         shots = ", ".join(str(s) for s in self.shots)
-        return f"k = {shots}" + (f" ({', '.join(trained)})" if trained else "")
+        return f"k = {shots}" + (f" ({trained})" if trained else "")
 
 
 def is_set_address(checkpoint: str | os.PathLike | None) -> bool:
@@ -147,9 +149,12 @@ def is_member_name(name: str) -> bool:
     return name.endswith(MEMBER_SUFFIXES) and not name.endswith(CLIP_PART_SUFFIX)
 
 
-def resolve_set(checkpoint: str, *, method: str, inspect: Inspect, default_set: str | None = None) -> CheckpointSet:
+def resolve_set(
+    checkpoint: str, *, method: str, inspect: Inspect, default_set: str | None = None, by_shots: bool = True
+) -> CheckpointSet:
     """The members of the set ``checkpoint`` names; ``CheckpointError`` when it holds no
-    member, a member does not record its shot count, or two members share one."""
+    member, a member does not record its shot count, or two members share one. A zero-shot
+    method (``by_shots=False``) takes a set of exactly one file (shot count 0)."""
     text = str(checkpoint)
     if text == OFFICIAL or text.startswith(OFFICIAL + ":"):
         files = _official_files(method, text.partition(":")[2], default_set)
@@ -161,6 +166,8 @@ def resolve_set(checkpoint: str, *, method: str, inspect: Inspect, default_set: 
     members: dict[int, SetMember] = {}
     for file in files:
         facts = dict(inspect(file).facts)
+        if not by_shots:
+            facts["shots"] = 0
         if facts.get("shots") is None:
             raise CheckpointError(
                 f"{file.name} in {text} does not record its shot count; convert it with "
@@ -169,7 +176,7 @@ def resolve_set(checkpoint: str, *, method: str, inspect: Inspect, default_set: 
         member = SetMember(Path(file), int(facts["shots"]), facts.get("trained_on"))
         if member.shots in members:
             raise CheckpointError(
-                f"{text} holds two files for k = {member.shots} ({members[member.shots].path.name}, {file.name}); "
+                f"{text} holds two files" + (f" for k = {member.shots}" if by_shots else "") + f" ({members[member.shots].path.name}, {file.name}); "
                 "keep one, or name a set of one training set (official:<set>)"
             )
         members[member.shots] = member
@@ -247,19 +254,18 @@ def file_identity(path: str | os.PathLike) -> tuple[Any, ...]:
     return (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def checkpoint_in_use(
-    checkpoint: str | None, k: int, *, method: str, inspect: Inspect, default_set: str | None = None
-) -> tuple[Any, ...] | None:
+def checkpoint_in_use(checkpoint: str | None, k: int, **set_arguments: Any) -> tuple[Any, ...] | None:
     """The identity of the file a detector built with ``checkpoint`` uses after
     ``fit(k normals)`` (for the service's cache key); ``None`` without a checkpoint. An
     ``hf-hub:`` file is identified by its address; a set that cannot be resolved by its
-    address (building the detector then reports the problem)."""
+    address (building the detector then reports the problem). ``set_arguments`` as for
+    ``resolve_set`` (``detector.base.set_arguments``)."""
     if not checkpoint:
         return None
     text = str(checkpoint)
     if is_set_address(text):
         try:
-            return file_identity(resolve_set(text, method=method, inspect=inspect, default_set=default_set).choose(k).path)
+            return file_identity(resolve_set(text, **set_arguments).choose(k).path)
         except Exception:
             return (text,)
     if text.startswith("hf-hub:"):

@@ -40,6 +40,7 @@ SOURCE = WeightsSource(
     location=DRIVE_FOLDER_ID,
     page=f"https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}",
     licence="Apache-2.0 (the licence of mala-lab/InCTRL; no separate licence is stated for the weights)",
+    licence_id="apache-2.0",
     note="the authors' 'Pre-train Models' folder linked from https://github.com/mala-lab/InCTRL",
 )
 #: Shot counts the authors publish.
