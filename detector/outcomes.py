@@ -122,6 +122,9 @@ class WeightsFacts:
     mode: str | None
     trained: bool
     trained_offline: bool = True
+    checkpoint_file: str | None = None
+    checkpoint_shots: int | None = None
+    trained_on: str | None = None
 
     @classmethod
     def from_description(cls, description: Mapping[str, Any], *, trained_offline: bool = True) -> "WeightsFacts":
@@ -133,11 +136,27 @@ class WeightsFacts:
             mode=description.get("mode"),
             trained=bool(description.get("trained", False)),
             trained_offline=trained_offline,
+            checkpoint_file=description.get("checkpoint_file") or None,
+            checkpoint_shots=description.get("checkpoint_shots"),
+            trained_on=description.get("trained_on"),
         )
 
     @property
     def random(self) -> bool:
         return "random" in self.weights.lower()
+
+    def state(self) -> str:
+        """What runs, in one phrase: ``"trained (k = 4, MVTec AD)"``, ``"training-free"``,
+        ``"learned at fit"``, with ``"; random backbone"`` when the backbone is random."""
+        if self.trained and self.trained_offline:
+            facts = [f"k = {self.checkpoint_shots}"] if self.checkpoint_shots is not None else []
+            facts += [self.trained_on] if self.trained_on else []
+            text = "trained" + (f" ({', '.join(facts)})" if facts else "")
+        elif self.trained_offline:
+            text = "training-free"
+        else:
+            text = "learned at fit" if self.trained else "untrained"
+        return text + ("; random backbone" if self.random else "")
 
     def sentence(self) -> str:
         """``"<backbone>: <weights>; checkpoint <file> | no checkpoint; mode <mode>"``."""

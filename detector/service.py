@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from . import limits
-from .base import Detector, check_normal_count
+from .base import Detector, check_normal_count, set_arguments
+from .checkpoint_sets import checkpoint_in_use, is_set_address, resolve_set
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
 from .inspection.batch import BatchResult, run_batch
@@ -132,9 +133,10 @@ class InspectionService:
         options["class_name"] = str(class_name or "object")
         return options
 
-    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str) -> tuple:
+    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str, checkpoint: Hashable = None) -> tuple:
+        """``(method, options, normals fingerprint, identity of the checkpoint file in use)``."""
         name = get_method(method).name
-        return (name, _freeze(options), normals_fingerprint)
+        return (name, _freeze(options), normals_fingerprint, checkpoint)
 
     def cached_keys(self) -> list[tuple]:
         """Keys in LRU order (least recently used first)."""
@@ -188,7 +190,8 @@ class InspectionService:
         loaded = [load_image(image) for image in normals]
         check_normal_count(len(loaded), cls.display_name, required=cls.requires_fit)
         digest = normals_fingerprint or fingerprint(loaded)
-        key = self.cache_key(cls.name, options, digest)
+        in_use = checkpoint_in_use(self.config.checkpoints.get(cls.name), len(loaded), **set_arguments(cls))
+        key = self.cache_key(cls.name, options, digest, in_use)
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:
@@ -356,7 +359,7 @@ class InspectionService:
             elif is_meaningless(entry.description):
                 warnings.append("backbone runs on random weights: scores and maps are meaningless")
             if cls.spec.trained_offline and not entry.description.get("trained", True):
-                warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
+                warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint{fetch_hint(cls)})")
             outcomes.append(
                 MethodOutcome(
                     method=name,
@@ -395,6 +398,7 @@ class InspectionService:
             model_name=model_name,
             fallback=self.fallbacks.get(cls.name),
             training_free=spec.trained_offline and not checkpoint,
+            checkpoint_summary=_checkpoint_summary(cls, checkpoint) if checkpoint else None,
         )
         if checkpoint and _supplies_backbone(cls, checkpoint):
             return status
@@ -427,6 +431,8 @@ class MethodStatus:
         random_by_choice: the configuration asks for random weights (tests, ``tiny-test``).
         fallback: the warning of a fall-back to random weights that already happened.
         training_free: a method trained offline runs without a checkpoint.
+        checkpoint_summary: what the configured checkpoint holds, e.g. ``"k = 2, 4, 8
+            (MVTec AD) from official"`` (``None`` without one).
     """
 
     method: str
@@ -436,13 +442,44 @@ class MethodStatus:
     random_by_choice: bool = False
     fallback: str | None = None
     training_free: bool = False
+    checkpoint_summary: str | None = None
+
+
+def fetch_hint(cls: type[Detector]) -> str:
+    """``"; 'python -m detector weights fetch <method>' gets one"`` for methods that publish
+    trained files, else empty."""
+    artefacts = cls.artefacts()
+    return f"; 'python -m detector weights fetch {cls.name}' gets one" if artefacts and artefacts.source else ""
+
+
+def _checkpoint_file(cls: type[Detector], checkpoint: str) -> str:
+    """The file a detector reads at construction (a set's member for the largest k)."""
+    if is_set_address(checkpoint):
+        return str(resolve_set(checkpoint, **set_arguments(cls)).members[-1].path)
+    return checkpoint
+
+
+def _checkpoint_summary(cls: type[Detector], checkpoint: str) -> str:
+    """``"k = 2, 4, 8 (MVTec AD) from official"`` or ``"k = 4 (MVTec AD) from FILE"``; the
+    problem when the checkpoint cannot be read now (building the detector reports it)."""
+    try:
+        if is_set_address(checkpoint):
+            return f"{resolve_set(checkpoint, **set_arguments(cls)).summary()} from {checkpoint}"
+        facts = dict(cls.inspect_checkpoint(checkpoint).facts)
+    except Exception as error:  # start-up facts must never stop start-up
+        return f"{checkpoint} cannot be read now ({type(error).__name__}: {str(error)[:200]})"
+    parts = [f"k = {facts['shots']}"] if facts.get("shots") is not None else []
+    parts += [str(facts["trained_on"])] if facts.get("trained_on") else []
+    return (f"{', '.join(parts)} " if parts else "") + f"from {checkpoint}"
 
 
 def _supplies_backbone(cls: type[Detector], checkpoint: str) -> bool:
-    """The method's own answer; a file that cannot be read now counts as not supplying it
-    (building the detector later reports the real problem)."""
+    """The method's own answer (a heads file whose CLIP part was kept beside it counts);
+    a file that cannot be read now counts as not supplying it (building the detector later
+    reports the real problem)."""
     try:
-        return bool(cls.checkpoint_supplies_backbone(checkpoint))
+        file = _checkpoint_file(cls, checkpoint)
+        return bool(cls.checkpoint_supplies_backbone(file) or cls.inspect_checkpoint(file).facts.get("clip_file"))
     except Exception as error:  # start-up facts must never stop start-up
         LOG.warning("could not read checkpoint %s: %s", checkpoint, error)
         return False
