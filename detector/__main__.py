@@ -1,4 +1,4 @@
-"""``python -m detector <command>``: predict, evaluate, train, make-dataset.
+"""``python -m detector <command>``: predict, evaluate, train, make-dataset, weights.
 
 Each command is a module with ``main(argv)``; ``python -m detector.evaluate`` and
 ``python -m detector.train`` work as well.
@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": ("detector.evaluate", "metrics on MVTec AD, VisA or a folder dataset"),
     "train": ("detector.train", "train a method's learned parts on auxiliary data"),
     "make-dataset": ("detector.synthetic_cli", "write a small synthetic dataset in the MVTec AD or folder layout"),
+    "weights": ("detector.weights_cli", "list, fetch, convert, verify and push official weights"),
 }
 
 

@@ -21,7 +21,6 @@ has something of its own.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -31,13 +30,17 @@ import torch
 from . import limits, maps
 from .backbone import Backbone, load_backbone
 from .calibration import Calibration, calibration_from_normals
+from .artefacts import Converted, ConvertRequest, MethodArtefacts, PlannedFile, RemoteFile, set_slug
+from .checkpoint_sets import CheckpointSet, is_set_address, resolve_set
 from .checkpoints import CheckpointInfo, key_groups, read_header, state_keys
+from .errors import CheckpointError
 from .geometry import Geometry, input_geometry
 from .images import LoadedImage, load_image
 from .preprocess import Preprocess, preprocess_batch
 from .progress import ProgressCallback
 from .results import Box, DetectionResult, Description, Explanation
 from .spec import MethodSpec
+from .pipeline import BackboneChoice, MethodOutput, PreparedBatch
 from .timing import Stopwatch
 from .weights import resolve_default_weights, resolve_path
 
@@ -45,75 +48,11 @@ from .weights import resolve_default_weights, resolve_path
 COMMON_OPTIONS: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0}
 
 
-@dataclass(frozen=True)
-class PreparedBatch:
-    """Images ready for a method's encoder.
-
-    Attributes:
-        pixels: float32 ``(B, 3, S, S)`` normalised input on the backbone's device.
-        geometries: one per image: how its original frame maps onto the input.
-        images: the loaded images (original pixels, warnings).
-        stopwatch: the timings of this call; hooks may time their own sub-stages
-            (``with batch.stopwatch("decode"): ...``), which then appear in the results.
-    """
-
-    pixels: torch.Tensor
-    geometries: tuple[Geometry, ...]
-    images: tuple[LoadedImage, ...]
-    stopwatch: Stopwatch = field(default_factory=Stopwatch, compare=False, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def select(self, indices: Sequence[int]) -> "PreparedBatch":
-        """The sub-batch of ``indices`` (in that order)."""
-        index = list(indices)
-        return PreparedBatch(
-            self.pixels[index], tuple(self.geometries[i] for i in index), tuple(self.images[i] for i in index), self.stopwatch
-        )
-
-
-@dataclass
-class MethodOutput:
-    """What ``_score`` returns for one image, before the shared post-processing.
-
-    Attributes:
-        score: the image score.
-        raw_map: float32 ``(h, w)`` patch-grid map.
-        extras: plain values for ``DetectionResult.extras``.
-        evidence: the method's own typed record for ``_explain_patch``.
-        warnings: warnings of this result beyond the image's own.
-    """
-
-    score: float
-    raw_map: np.ndarray
-    extras: dict[str, Any] = field(default_factory=dict)
-    evidence: Any = None
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class BackboneChoice:
-    """Which backbone a method builds (``Detector._backbone_choice``).
-
-    Attributes:
-        model_name: open_clip model name.
-        weights: ``"random"``, a tag, a file or ``hf-hub:`` address.
-        image_size: input side; ``None`` keeps the model's.
-        precision: ``"fp32"`` or ``"bf16"``.
-        quick_gelu: ``None`` = QuickGELU exactly for OpenAI weights.
-        ignore_prefixes: key prefixes of a weights file that are not CLIP's.
-        description: says where the weights come from when the backbone's own
-            description would mislead (e.g. "from checkpoint X").
-    """
-
-    model_name: str
-    weights: str
-    image_size: int | None = None
-    precision: str = "fp32"
-    quick_gelu: bool | None = None
-    ignore_prefixes: tuple[str, ...] = ()
-    description: str | None = None
+def set_arguments(cls: type["Detector"]) -> dict[str, Any]:
+    """Keyword arguments of ``checkpoint_sets.resolve_set`` / ``checkpoint_in_use`` for a method."""
+    artefacts = cls.artefacts()
+    default_set = artefacts.default_set if artefacts else None
+    return {"method": cls.name, "inspect": cls.inspect_checkpoint, "default_set": default_set, "by_shots": cls.spec.needs_normals}
 
 
 def check_normal_count(count: int, method: str, *, required: bool) -> None:
@@ -134,6 +73,8 @@ class Detector(abc.ABC):
         preprocess_spec: the ``Preprocess`` built from the spec.
         options: the method's own options, defaults filled in.
         checkpoint: the checkpoint argument, or ``None``.
+        checkpoint_set: the set ``checkpoint`` names, or ``None`` for one file.
+        checkpoint_file: the file in use (for a set: the member chosen at ``fit``).
         stored_calibration: a calibration record that came with the checkpoint.
         normal_geometries: geometries of the fitted normal images, in fit order.
     """
@@ -171,7 +112,13 @@ class Detector(abc.ABC):
         self._fitted = False
         self._num_normals = 0
         self._validate()
-        artefact = self._read_checkpoint(resolve_path(checkpoint)) if checkpoint is not None else None
+        self.checkpoint_set: CheckpointSet | None = None
+        self.checkpoint_file: str | None = None
+        artefact = None
+        if checkpoint is not None:
+            path = self._first_checkpoint_file(str(checkpoint))
+            self.checkpoint_file = str(path)
+            artefact = self._read_checkpoint(path)
         choice = self._backbone_choice(backbone, backbone_weights, artefact)
         self.backbone: Backbone = load_backbone(
             choice.model_name,
@@ -187,6 +134,16 @@ class Detector(abc.ABC):
         self.grid: tuple[int, int] = self.backbone.grid_size
         self.preprocess_spec = Preprocess(self.image_size, self.spec.resize, self.spec.mean, self.spec.std)
         self._build(artefact)
+
+    def _first_checkpoint_file(self, checkpoint: str) -> Path:
+        """The file itself, or for a set the member for the largest shot count (the one
+        for the actual k is chosen at ``fit``)."""
+        if not is_set_address(checkpoint):
+            return resolve_path(checkpoint)
+        if not self.spec.checkpoint_sets:
+            raise CheckpointError(f"{self.display_name} takes one checkpoint file, not a set: {checkpoint}")
+        self.checkpoint_set = resolve_set(checkpoint, **set_arguments(type(self)))
+        return self.checkpoint_set.members[-1].path
 
     @classmethod
     def _checked_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +178,28 @@ class Detector(abc.ABC):
 
     def _build(self, artefact: Any) -> None:
         """Build the method's own modules (and load the checkpoint read into ``artefact``)."""
+
+    def _use_checkpoint(self, artefact: Any) -> None:
+        """Load another member of the checkpoint set (from ``_read_checkpoint``) into the built modules."""
+        raise NotImplementedError(f"{self.display_name} cannot switch checkpoints")
+
+    # -- hooks: artefacts (python -m detector weights, docs/api.md §19) ---------------------
+    @classmethod
+    def artefacts(cls) -> MethodArtefacts | None:
+        """Where the method's trained files come from and which are known; ``None`` =
+        nothing to download besides the CLIP weights."""
+        return None
+
+    @classmethod
+    def plan_downloads(cls, listing: Sequence[RemoteFile], *, shots: Sequence[int] = (), trained_on: str | None = None) -> list[PlannedFile]:
+        """What each listed file is (``AmbiguousListing`` when the rules cannot tell); ``shots``
+        keeps only those shot counts, ``trained_on`` names a set the listing does not."""
+        return [PlannedFile(item, None, trained_on, set_slug(trained_on or "default")) for item in listing]
+
+    @classmethod
+    def convert_checkpoint(cls, source: Path, out_dir: Path, request: ConvertRequest) -> Converted:
+        """Write a published file as the package's safetensors under ``out_dir`` (``CheckpointError`` if unfit)."""
+        raise CheckpointError(f"{cls.spec.display_name} has no convert step")
 
     @classmethod
     def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
@@ -312,6 +291,11 @@ class Detector(abc.ABC):
         images = list(normal_images or [])
         check_normal_count(len(images), self.display_name, required=self.spec.needs_normals)
         batch = self.prepare([load_image(image) for image in images])
+        if self.checkpoint_set is not None:
+            member = self.checkpoint_set.choose(len(batch))
+            if str(member.path) != self.checkpoint_file:
+                self._use_checkpoint(self._read_checkpoint(member.path))
+                self.checkpoint_file = str(member.path)
         self._fit(batch, progress)
         self._fitted = True
         self._num_normals = len(batch)
@@ -430,6 +414,7 @@ class Detector(abc.ABC):
             backbone_weights=self.backbone_weights_text,
             image_size=self.image_size,
             checkpoint=self.checkpoint,
+            checkpoint_file=self.checkpoint_file,
             trained=bool(self.is_trained),
             mode=self.mode,
             sigma=self.map_sigma,

@@ -14,6 +14,7 @@ from .calibration import Calibration
 from .images import LoadedImage
 from .registry import get_method
 from .results import DetectionResult
+from .status import fetch_hint
 
 
 @dataclass
@@ -132,6 +133,9 @@ class WeightsFacts:
     mode: str | None
     trained: bool
     trained_offline: bool = True
+    checkpoint_file: str | None = None
+    checkpoint_shots: int | None = None
+    trained_on: str | None = None
 
     @classmethod
     def from_description(cls, description: Mapping[str, Any], *, trained_offline: bool = True) -> "WeightsFacts":
@@ -143,11 +147,27 @@ class WeightsFacts:
             mode=description.get("mode"),
             trained=bool(description.get("trained", False)),
             trained_offline=trained_offline,
+            checkpoint_file=description.get("checkpoint_file") or None,
+            checkpoint_shots=description.get("checkpoint_shots"),
+            trained_on=description.get("trained_on"),
         )
 
     @property
     def random(self) -> bool:
         return "random" in self.weights.lower()
+
+    def state(self) -> str:
+        """What runs, in one phrase: ``"trained (k = 4, MVTec AD)"``, ``"training-free"``,
+        ``"learned at fit"``, with ``"; random backbone"`` when the backbone is random."""
+        if self.trained and self.trained_offline:
+            facts = [f"k = {self.checkpoint_shots}"] if self.checkpoint_shots is not None else []
+            facts += [self.trained_on] if self.trained_on else []
+            text = "trained" + (f" ({', '.join(facts)})" if facts else "")
+        elif self.trained_offline:
+            text = "training-free"
+        else:
+            text = "learned at fit" if self.trained else "untrained"
+        return text + ("; random backbone" if self.random else "")
 
     def sentence(self) -> str:
         """``"<backbone>: <weights>; checkpoint <file> | no checkpoint; mode <mode>"``."""
@@ -175,3 +195,28 @@ def weights_text(description: Mapping[str, Any], *, trained_offline: bool = True
 def is_meaningless(description: Mapping[str, Any]) -> bool:
     """True when the backbone runs on random weights."""
     return "random" in str(description.get("backbone_weights", "")).lower()
+
+
+def outcome_of(cls: type[Detector], entry: FittedDetector, result: DetectionResult, seconds: float, reused: bool) -> MethodOutcome:
+    """One method's outcome from its cache entry and result, with the warnings a person
+    should read beside it (random weights, training-free mode and how to change it)."""
+    warnings = list(result.warnings)
+    if entry.weights_fallback:
+        warnings.append(entry.weights_fallback)
+    elif is_meaningless(entry.description):
+        warnings.append("backbone runs on random weights: scores and maps are meaningless")
+    if cls.spec.trained_offline and not entry.description.get("trained", True):
+        warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint{fetch_hint(cls)})")
+    return MethodOutcome(
+        method=cls.name,
+        display_name=cls.display_name,
+        result=result,
+        calibration=entry.calibration,
+        description=entry.description,
+        seconds=seconds,
+        warnings=tuple(dict.fromkeys(warnings)),
+        weights_fallback=entry.weights_fallback,
+        reused_fit=reused,
+        detector=entry.detector,
+        provisional=entry.provisional,
+    )

@@ -29,7 +29,7 @@ class FittingService(Protocol):
 
     def options_for(self, method: str, class_name: str = ..., overrides: Mapping[str, Any] | None = ...) -> dict[str, Any]: ...
 
-    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str) -> tuple: ...
+    def key_for(self, method: str, options: Mapping[str, Any], normals_fingerprint: str, normals_count: int) -> tuple: ...
 
     def order_methods(self, methods: Sequence[str], normals_count: int, fitted: Mapping[str, bool]) -> list[str]: ...
 
@@ -107,7 +107,7 @@ class Prefetcher:
         digest = fingerprint(loaded)
         usable = tuple(n for n in names if loaded or not get_method(n).spec.needs_normals)
         per_method = {n: self.service.options_for(n, class_name, (options or {}).get(n)) for n in usable}
-        signature = tuple(self.service.cache_key(n, per_method[n], digest) for n in usable)
+        signature = tuple(self.service.key_for(n, per_method[n], digest, len(loaded)) for n in usable)
         with self._lock:
             current = self._jobs.get(session)
             if current is not None and current.signature == signature and not current.token.cancelled and not current.errors:

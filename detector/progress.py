@@ -54,3 +54,17 @@ def scaled(progress: ProgressCallback | None, start: float, stop: float, prefix:
         progress(start + (stop - start) * fraction, f"{prefix}: {message}" if message else prefix)
 
     return report
+
+
+def method_reporter(
+    name: str, display_name: str, progress: ProgressCallback | None, method_progress: Callable[[str, str], None] | None, base: float, share: float
+) -> ProgressCallback:
+    """One method's progress: its own message, and its share of the whole call's."""
+
+    def tell(fraction: float, message: str) -> None:
+        if method_progress is not None:
+            method_progress(name, f"{display_name}: {message}" if message else display_name)
+        if progress is not None:
+            progress(base + share * min(max(float(fraction), 0.0), 1.0), f"{display_name}: {message}" if message else display_name)
+
+    return tell

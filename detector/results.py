@@ -134,7 +134,8 @@ class Description:
         backbone: open_clip model name.
         backbone_weights: where the backbone's weights come from.
         image_size: model input side in pixels.
-        checkpoint: the method checkpoint given, if any.
+        checkpoint: the method checkpoint given, if any (a file or a set).
+        checkpoint_file: the file in use (for a set: the member chosen at ``fit``).
         trained: whether the learned parts are trained (or, for methods that learn at
             ``fit``, fitted).
         mode: the method's mode, e.g. ``"trained"`` or ``"training-free"``.
@@ -150,6 +151,7 @@ class Description:
     backbone_weights: str
     image_size: int
     checkpoint: str | None
+    checkpoint_file: str | None
     trained: bool
     mode: str
     sigma: float

@@ -27,12 +27,13 @@ from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 from . import limits
-from .base import Detector, check_normal_count
+from .base import Detector, check_normal_count, set_arguments
+from .checkpoint_sets import checkpoint_in_use
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
 from .inspection.batch import BatchResult, run_batch
-from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, weights_text
-from .progress import Deadline, ProgressCallback, scaled
+from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, outcome_of, weights_text
+from .progress import Deadline, ProgressCallback, method_reporter, scaled
 from .prefetch import Prefetcher
 from .scheduler import CancelToken, CpuScheduler
 from .registry import create_detector, get_method, list_methods, method_options
@@ -117,9 +118,17 @@ class InspectionService:
         options["class_name"] = str(class_name or "object")
         return options
 
-    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str) -> tuple:
+    def cache_key(self, method: str, options: Mapping[str, Any], normals_fingerprint: str, checkpoint: Hashable = None) -> tuple:
+        """``(method, options, normals fingerprint, identity of the checkpoint file in use)``."""
         name = get_method(method).name
-        return (name, _freeze(options), normals_fingerprint)
+        return (name, _freeze(options), normals_fingerprint, checkpoint)
+
+    def key_for(self, method: str, options: Mapping[str, Any], normals_fingerprint: str, normals_count: int) -> tuple:
+        """The cache key ``fitted`` uses for these normals (with the checkpoint file a set
+        would choose for that many normals)."""
+        cls = get_method(method)
+        in_use = checkpoint_in_use(self.config.checkpoints.get(cls.name), normals_count, **set_arguments(cls))
+        return self.cache_key(cls.name, options, normals_fingerprint, in_use)
 
     def cached_keys(self) -> list[tuple]:
         """Keys in LRU order (least recently used first)."""
@@ -180,7 +189,7 @@ class InspectionService:
         options = dict(options if options is not None else self.options_for(cls.name))
         loaded = [load_image(image) for image in normals]
         check_normal_count(len(loaded), cls.display_name, required=cls.requires_fit)
-        key = self.cache_key(cls.name, options, normals_fingerprint or fingerprint(loaded))
+        key = self.key_for(cls.name, options, normals_fingerprint or fingerprint(loaded), len(loaded))
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
             self._waiters[key] = self._waiters.get(key, 0) + 1
@@ -389,7 +398,7 @@ class InspectionService:
         per_method = {name: self.options_for(name, class_name, (options or {}).get(name)) for name in names}
         cached = set(self.cached_keys())
         requested = list(names)  # the report lists the methods in the order asked for
-        names = self.order_methods(names, len(loaded_normals), {n: self.cache_key(n, per_method[n], digest) in cached for n in names})
+        names = self.order_methods(names, len(loaded_normals), {n: self.key_for(n, per_method[n], digest, len(loaded_normals)) in cached for n in names})
         outcomes: dict[str, MethodOutcome] = {}
         share = 1.0 / len(names)
 
@@ -406,7 +415,7 @@ class InspectionService:
         for index, name in enumerate(names):
             cls = get_method(name)
             base = index * share
-            tell = _method_reporter(name, cls.display_name, progress, method_progress, base, share)
+            tell = method_reporter(name, cls.display_name, progress, method_progress, base, share)
             deadline.check(f"before {cls.display_name}")
             entries[name], reused = self.fitted(
                 name,
@@ -421,7 +430,7 @@ class InspectionService:
             start = time.perf_counter()
             with self.scheduler.slot(f"predict {name}"):
                 result = entries[name].detector.predict(loaded_query)
-            outcomes[name] = _outcome(cls, entries[name], result, time.perf_counter() - start, reused)
+            outcomes[name] = outcome_of(cls, entries[name], result, time.perf_counter() - start, reused)
             tell(1.0, "provisional (calibrating)" if entries[name].provisional else "done")
             yield report()
         pending = [n for n in names if entries[n].provisional]
@@ -461,40 +470,3 @@ class InspectionService:
         pretrained weights are not available locally, ``None`` when nothing is missing)."""
         status = self.method_status(method)
         return status.model_name, None if status.missing is None else status.missing.message
-
-
-def _method_reporter(
-    name: str, display_name: str, progress: ProgressCallback | None, method_progress: Callable[[str, str], None] | None, base: float, share: float
-) -> ProgressCallback:
-    """One method's progress: its own message, and its share of the whole call's."""
-
-    def tell(fraction: float, message: str) -> None:
-        if method_progress is not None:
-            method_progress(name, f"{display_name}: {message}" if message else display_name)
-        if progress is not None:
-            progress(base + share * min(max(float(fraction), 0.0), 1.0), f"{display_name}: {message}" if message else display_name)
-
-    return tell
-
-
-def _outcome(cls: type[Detector], entry: FittedDetector, result: Any, seconds: float, reused: bool) -> MethodOutcome:
-    warnings = list(result.warnings)
-    if entry.weights_fallback:
-        warnings.append(entry.weights_fallback)
-    elif is_meaningless(entry.description):
-        warnings.append("backbone runs on random weights: scores and maps are meaningless")
-    if cls.spec.trained_offline and not entry.description.get("trained", True):
-        warnings.append(f"{cls.display_name} runs in its training-free mode (no trained checkpoint)")
-    return MethodOutcome(
-        method=cls.name,
-        display_name=cls.display_name,
-        result=result,
-        calibration=entry.calibration,
-        description=entry.description,
-        seconds=seconds,
-        warnings=tuple(dict.fromkeys(warnings)),
-        weights_fallback=entry.weights_fallback,
-        reused_fit=reused,
-        detector=entry.detector,
-        provisional=entry.provisional,
-    )

@@ -96,6 +96,9 @@ class MethodSpec:
             colour from the app's fallback list).
         app_options: the options the app offers as controls, in order.
         cost: rough stage costs (``RelativeCost``).
+        checkpoint_sets: ``checkpoint=`` may name a set of files for several shot counts
+            (a folder, ``"official[:<set>]"``, ``"hf-hub:<org>/<repo>"``); the file is chosen
+            at ``fit`` (docs/api.md §19).
     """
 
     display_name: str
@@ -115,6 +118,7 @@ class MethodSpec:
     colour: tuple[int, int, int] | None = None
     app_options: tuple[str, ...] = ()
     cost: RelativeCost = field(default_factory=RelativeCost)
+    checkpoint_sets: bool = False
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.app_options if name not in self.options]

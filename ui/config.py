@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from detector import limits
-from detector.registry import get_spec, list_methods
+from detector.base import set_arguments
+from detector.checkpoint_sets import OFFICIAL, resolve_set
+from detector.errors import CheckpointError
+from detector.registry import get_method, get_spec, list_methods
 from detector.service import ServiceConfig
 
 
@@ -47,10 +50,29 @@ class AppConfig:
         return ServiceConfig(
             backbone=self.backbone or None,
             backbone_weights=self.backbone_weights or None,
-            checkpoints={k: v for k, v in self.checkpoints.items() if v},
+            checkpoints=with_official_defaults(self.checkpoints, self.backbone),
             method_options={k: dict(v) for k, v in self.method_options.items()},
             device=self.device,
         )
+
+
+def with_official_defaults(checkpoints: Mapping[str, str], backbone: str | None) -> dict[str, str]:
+    """The configured checkpoints, plus ``"official"`` for each method trained offline that
+    has none configured while the local weights cache holds its set (``weights fetch``);
+    only on the official backbones (a cached set does not fit another one)."""
+    chosen = {k: v for k, v in checkpoints.items() if v}
+    if backbone:
+        return chosen
+    for method in list_methods():
+        cls = get_method(method)
+        if method in chosen or not cls.spec.trained_offline or cls.artefacts() is None:
+            continue
+        try:
+            resolve_set(OFFICIAL, **set_arguments(cls))
+        except CheckpointError:
+            continue
+        chosen[method] = OFFICIAL
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ def method_flags() -> list[ConfigFlag]:
     for method in list_methods():
         spec = get_spec(method)
         prefix = method.upper().replace("-", "_")
-        note = "none = training-free mode" if spec.trained_offline else "a learned-state file"
+        note = "a file, a folder, 'official[:<set>]' or 'hf-hub:<org>/<repo>'; none = the official cache if fetched, else training-free" if spec.trained_offline else "a learned-state file"
         flags.append(ConfigFlag(f"--{method}-checkpoint", (f"{prefix}_CHECKPOINT",), str, f"{spec.display_name} checkpoint ({note})", _checkpoint(method)))
         for name in spec.app_options:
             option = spec.options[name]

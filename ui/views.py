@@ -15,8 +15,8 @@ import numpy as np
 from detector import limits, maps
 from detector.inspection import BatchRow, ExplanationView, flagged_counts, thumbnail, verdict
 from detector.outcomes import InspectionReport, MethodOutcome, WeightsFacts
-from detector.registry import get_spec, list_methods
-from detector.service import InspectionService
+from detector.registry import get_method, get_spec, list_methods
+from detector.service import InspectionService, fetch_hint
 
 #: Colours for methods whose spec names none (RGB), distinct from jet's red.
 FALLBACK_COLOURS = [(255, 165, 0), (50, 205, 50), (255, 255, 0)]
@@ -85,9 +85,11 @@ def weights_markdown(method: str, description: Mapping[str, Any] | None, fallbac
     if not description:
         return f"**{name} weights:** loaded on first use."
     facts = WeightsFacts.from_description(description, trained_offline=spec.trained_offline)
+    in_use = f" · file `{facts.checkpoint_file}`" if facts.checkpoint_file and facts.checkpoint_file != facts.checkpoint else ""
     lines = [
         f"**{name} weights** · backbone `{facts.backbone}` ({facts.weights}) · {facts.image_size} px",
-        f"checkpoint: `{facts.checkpoint}`" if facts.checkpoint else "checkpoint: none",
+        f"runs: **{facts.state()}**",
+        (f"checkpoint: `{facts.checkpoint}`" + in_use) if facts.checkpoint else "checkpoint: none",
         f"learned parts: {'trained' if facts.trained else 'untrained'} · mode: {facts.mode}",
     ]
     if not spec.trained_offline and facts.trained:
@@ -96,7 +98,7 @@ def weights_markdown(method: str, description: Mapping[str, Any] | None, fallbac
     if fallback or facts.random:
         lines.append("⚠️ **random backbone weights: scores and maps are meaningless**")
     elif spec.trained_offline and not facts.trained:
-        lines.append("ℹ️ training-free mode: no trained checkpoint is configured")
+        lines.append(f"ℹ️ training-free mode: no trained checkpoint is configured{fetch_hint(get_method(method))}")
     return "\n\n".join(lines)
 
 
@@ -246,9 +248,11 @@ def banner_markdown(service: InspectionService, methods: Sequence[str]) -> tuple
             )
         elif status.missing is not None:
             notes.append(f"{status.display_name}: {status.missing.message}.")
-    training_free = [s.display_name for s in statuses if s.training_free]
-    if training_free:
-        notes.append(f"{joined(training_free)} run in training-free mode: no trained checkpoint is configured.")
+    for status in statuses:
+        if status.training_free:
+            notes.append(f"{status.display_name} runs training-free: no trained checkpoint is configured{fetch_hint(get_method(status.method))}.")
+        elif status.checkpoint_summary:
+            notes.append(f"{status.display_name} runs trained: {status.checkpoint_summary}.")
     if warnings:
         return "⚠️ " + "<br>⚠️ ".join(warnings) + ("<br>ℹ️ " + " ".join(notes) if notes else ""), "warn"
     if notes:

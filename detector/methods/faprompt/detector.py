@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
+from ...artefacts import Converted, ConvertRequest, MethodArtefacts
 from ...checkpoints import CheckpointInfo
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, PromptSimilarity
@@ -23,6 +24,7 @@ from ...spec import MethodSpec, Option, RelativeCost
 from ...weights import resolve_path
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_OPTIONS, PRIOR_OPTIONS, PROMPTS_OPTIONS
 from .encoders import method_image_size, quick_gelu_for
+from . import artefacts as published
 from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state
 from .model import FAPromptModel, TextState
 from .prompts import WORD_ABNORMALITY_PHRASES
@@ -58,6 +60,7 @@ class FAPromptDetector(Detector):
         },
         colour=(255, 160, 0),
         cost=RelativeCost(predict=19.0, fit_per_normal=0.0, calibration_per_normal=19.0),
+        checkpoint_sets=True,
     )
 
     # -- construction hooks ---------------------------------------------------------------
@@ -81,6 +84,14 @@ class FAPromptDetector(Detector):
     @classmethod
     def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
         return inspect_checkpoint(resolve_path(path))
+
+    @classmethod
+    def artefacts(cls) -> MethodArtefacts:
+        return published.artefacts()
+
+    @classmethod
+    def convert_checkpoint(cls, source: Path, out_dir: Path, request: ConvertRequest) -> Converted:
+        return published.convert(source, out_dir, request, default_backbone=DEFAULT_BACKBONE)
 
     def _build(self, artefact: Path | None) -> None:
         visual = self.backbone.visual
@@ -128,6 +139,7 @@ class FAPromptDetector(Detector):
             "vv_start_block": self.model.vision.vv_start,
             "deep_prompts": len(self.model.learner.compound_prompts_text) if self.learned else 0,
             "uses_normal_images": False,
+            "trained_on": self.checkpoint_header.get("trained_on"),
         }
 
     # -- fit: nothing to learn -------------------------------------------------------------

@@ -203,7 +203,10 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     header = read_header(path)
     groups = key_groups(read_state_dict(path, nested=NESTING), KEY_GROUPS)
     layout = "own training output (safetensors)" if header else "official {'prompt_learner': state_dict}"
-    facts = {key: header[key] for key in ("dataset", "categories", "epoch", "backbone", "image_size") if key in header}
+    if header.get("source_file"):
+        layout = f"converted from {header['source_file']} (safetensors)"
+    keys = ("dataset", "categories", "epoch", "backbone", "image_size", "trained_on", "trained_on_set", "source_file", "source_sha256")
+    facts = {key: header[key] for key in keys if key in header}
     return CheckpointInfo(str(path), layout, groups, False, facts)
 
 

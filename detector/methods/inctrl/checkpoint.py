@@ -23,6 +23,11 @@ from .model import InCTRLHeads
 METHOD_NAME = "inctrl"
 #: Key prefixes of the learned parts inside an official checkpoint.
 HEAD_PREFIXES = ("adapter.", "diff_head.", "diff_head_ref.")
+#: Header entries ``inspect_checkpoint`` reports (training output and converted files).
+FACT_KEYS = (
+    "shots", "dataset", "categories", "epoch", "backbone", "trained_on", "trained_on_set",
+    "source_file", "source_sha256", "clip_sha256", "clip_file", "clip_equals",
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,11 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     header = read_header(path)
     if carries_clip:
         layout = "official full (CLIP + heads)"
+    elif header.get("source_file"):
+        layout = "heads with header (converted from " + str(header["source_file"]) + ")"
     elif header:
         layout = "heads with header (own training output)"
     else:
         layout = "heads only"
-    facts = {key: header[key] for key in ("shots", "dataset", "categories", "epoch", "backbone") if key in header}
+    facts = {key: header[key] for key in FACT_KEYS if key in header}
     return CheckpointInfo(str(path), layout, groups, carries_clip, facts)

@@ -14,14 +14,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from typing import Sequence
+
 from ... import maps
+from ...artefacts import Converted, ConvertRequest, MethodArtefacts, PlannedFile, RemoteFile
+from ...backbone import weights_digest
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
 from ...checkpoints import CheckpointInfo, check_keys
+from ...errors import CheckpointError
 from ...weights import resolve_path
 from ...geometry import Geometry
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
 from ...spec import MethodSpec, Option, RelativeCost
+from . import artefacts as published
 from .checkpoint import HEAD_PREFIXES, InCTRLCheckpoint, head_state_shapes, inspect_checkpoint, read_checkpoint
 from .model import (
     InCTRLHeads,
@@ -72,8 +78,10 @@ class InCTRLDetector(Detector):
     Options: ``heads`` = ``"auto"`` (trained when a checkpoint is loaded), ``"trained"``
     (requires one) or ``"training-free"`` (``score = (text_score + max(M)) / 2``).
     ``checkpoint`` accepts the official full 345-key ``.pyth`` (raw or ``{"model_state": ...}``;
-    its CLIP weights replace ``backbone_weights``), the 44 head keys alone, or our own
-    safetensors training output.
+    its CLIP weights replace ``backbone_weights``), the 44 head keys alone, our own
+    safetensors training output, a converted file (``weights convert``), or a set of such
+    files for several shot counts (a folder, ``"official[:<set>]"``, ``"hf-hub:<org>/<repo>"``;
+    the file for k is chosen at ``fit``, docs/inctrl.md §11).
     """
 
     spec = MethodSpec(
@@ -92,6 +100,7 @@ class InCTRLDetector(Detector):
         batch_size=8,
         colour=(255, 0, 255),
         cost=RelativeCost(predict=1.0, fit_per_normal=1.0),
+        checkpoint_sets=True,
     )
 
     # -- construction hooks ---------------------------------------------------------------
@@ -112,14 +121,34 @@ class InCTRLDetector(Detector):
             return BackboneChoice(
                 model_name, str(artefact.path), ignore_prefixes=HEAD_PREFIXES, description=f"from checkpoint {self.checkpoint}"
             )
+        clip_part = artefact.header.get("clip_file") if artefact is not None else None
+        if clip_part and backbone_weights is None:
+            # ``convert`` kept the file's CLIP part because it differs from the official tag.
+            file = artefact.path.parent / str(clip_part)
+            if not file.is_file():
+                raise CheckpointError(f"{artefact.path.name} needs its CLIP part {clip_part} beside it, which is missing")
+            return BackboneChoice(model_name, str(file), description=f"{model_name} / CLIP part kept with {artefact.path.name}")
         return super()._backbone_choice(model_name, backbone_weights, artefact)
 
     @classmethod
     def inspect_checkpoint(cls, path: str | Path) -> CheckpointInfo:
         return inspect_checkpoint(resolve_path(path))
 
+    @classmethod
+    def artefacts(cls) -> MethodArtefacts:
+        return published.artefacts()
+
+    @classmethod
+    def plan_downloads(
+        cls, listing: Sequence[RemoteFile], *, shots: Sequence[int] = (), trained_on: str | None = None
+    ) -> list[PlannedFile]:
+        return published.plan_downloads(listing, shots=shots, trained_on=trained_on)
+
+    @classmethod
+    def convert_checkpoint(cls, source: Path, out_dir: Path, request: ConvertRequest) -> Converted:
+        return published.convert(source, out_dir, request, default_backbone=DEFAULT_BACKBONE)
+
     def _build(self, artefact: InCTRLCheckpoint | None) -> None:
-        self.header: dict[str, Any] = artefact.header if artefact else {}
         self.clip_from_checkpoint = bool(artefact and artefact.carries_clip)
         self.blocks = block_indices(self.backbone)
         rows, cols = self.grid
@@ -128,13 +157,30 @@ class InCTRLDetector(Detector):
             # the caller's global random state.
             torch.manual_seed(self.seed)
             heads = InCTRLHeads(self.backbone.embed_dim, rows * cols)
-        self.has_trained_heads = artefact is not None
+        self.model = InCTRLModel(heads, False).to(self.device).eval().requires_grad_(False)
+        self.header: dict[str, Any] = {}
+        self.has_trained_heads = False
+        self.clip_warning: str | None = None
         if artefact is not None:
-            check_keys(artefact.head_state, head_state_shapes(heads), what="InCTRL's heads (adapter, diff_head, diff_head_ref)")
-            heads.load_state_dict({k: v.float() for k, v in artefact.head_state.items()}, strict=True)
-        use_heads = self.has_trained_heads and self.options["heads"] != "training-free"
-        self.model = InCTRLModel(heads, use_heads).to(self.device).eval().requires_grad_(False)
+            self._use_checkpoint(artefact)
         self._bank: _NormalBank | None = None
+
+    def _use_checkpoint(self, artefact: InCTRLCheckpoint) -> None:
+        """Load the heads of ``artefact`` (at construction, or another member of a set at
+        ``fit``); note when the heads were trained with other CLIP weights than the ones in use."""
+        heads = self.model.heads
+        check_keys(artefact.head_state, head_state_shapes(heads), what="InCTRL's heads (adapter, diff_head, diff_head_ref)")
+        heads.load_state_dict({k: v.float() for k, v in artefact.head_state.items()}, strict=True)
+        self.header = artefact.header
+        self.has_trained_heads = True
+        self.model.use_heads = self.options["heads"] != "training-free"
+        expected = self.header.get("clip_sha256")
+        self.clip_warning = None
+        if expected and not self.clip_from_checkpoint and not self.backbone.is_random and weights_digest(self.backbone) != expected:
+            self.clip_warning = (
+                f"the InCTRL heads in {artefact.path.name} were trained with other CLIP weights than the backbone in use "
+                f"({self.backbone_weights_text}): scores may be off"
+            )
 
     @property
     def heads(self) -> InCTRLHeads:
@@ -151,20 +197,30 @@ class InCTRLDetector(Detector):
         return self.use_heads
 
     def _details(self) -> dict[str, Any]:
-        return {"heads": self.options["heads"], "blocks": list(self.blocks), "checkpoint_shots": self.header.get("shots")}
+        return {
+            "heads": self.options["heads"],
+            "blocks": list(self.blocks),
+            "checkpoint_shots": self.header.get("shots"),
+            "trained_on": self.header.get("trained_on"),
+            "checkpoint_set_shots": list(self.checkpoint_set.shots) if self.checkpoint_set else None,
+        }
 
     def warm_up(self) -> None:
         """The text prior of the class name (cached in memory and on disk)."""
         text_prior_features(self.backbone, self.class_name)
 
     def _result_warnings(self) -> tuple[str, ...]:
+        warnings = []
         shots = self.header.get("shots")
         if shots is not None and int(shots) != self.num_normals:
-            return (
-                f"the InCTRL checkpoint was trained with {int(shots)} normal images per query, "
-                f"{self.num_normals} are fitted",
+            where = f" (the set {self.checkpoint} has k = {', '.join(map(str, self.checkpoint_set.shots))})" if self.checkpoint_set else ""
+            warnings.append(
+                f"the InCTRL checkpoint {Path(self.checkpoint_file or '').name} was trained with {int(shots)} normal images "
+                f"per query, {self.num_normals} are fitted{where}"
             )
-        return ()
+        if self.clip_warning:
+            warnings.append(self.clip_warning)
+        return tuple(warnings)
 
     # -- fit / predict hooks ----------------------------------------------------------------
     def _fit(self, normals: PreparedBatch, progress: ProgressCallback | None) -> None:
