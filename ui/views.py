@@ -16,7 +16,8 @@ from detector import limits, maps
 from detector.inspection import BatchRow, ExplanationView, flagged_counts, thumbnail, verdict
 from detector.outcomes import InspectionReport, MethodOutcome, WeightsFacts
 from detector.registry import get_method, get_spec, list_methods
-from detector.service import InspectionService, fetch_hint
+from detector.service import InspectionService
+from detector.status import fetch_hint
 
 #: Colours for methods whose spec names none (RGB), distinct from jet's red.
 FALLBACK_COLOURS = [(255, 165, 0), (50, 205, 50), (255, 255, 0)]
