@@ -15,7 +15,6 @@ from detector import CheckpointError, create_detector, list_methods
 from detector.checkpoints import read_state_dict, save_safetensors
 from detector.images import load_image, preprocess
 from detector.methods.anople.fitting import NormalImage, fit_anople, pool_decoder_probabilities
-from detector.methods.anople.model import FUSION_EPS
 from detector.synthetic import texture
 
 EXTRAS = {"text_score", "memory_max", "decoder_max", "decoder_map", "memory_map"}
@@ -73,7 +72,7 @@ def test_t1_contract(k):
     assert result.anomaly_map.shape == (200, 300) and result.anomaly_map.dtype == np.float32
     assert result.raw_map.shape == det.grid and result.raw_map.dtype == np.float32
     assert np.isfinite(result.anomaly_map).all() and np.isfinite(result.raw_map).all()
-    assert math.isfinite(result.score) and 0.0 <= result.score <= 0.5
+    assert math.isfinite(result.score) and 0.0 <= result.score <= 1.0
     assert EXTRAS <= set(result.extras)
     assert {"encode", "decode", "memory", "post"} <= set(result.timings)
     assert det.describe()["k"] == k
@@ -191,7 +190,8 @@ def test_t11_memory_bank_localises_vit_b16():
 def test_t12_fit_image_matches_itself_exactly(fitted, normals):
     result = fitted.predict(normals[0])
     assert np.abs(result.extras["memory_map"]).max() <= 1e-6
-    assert np.abs(result.raw_map).max() <= 1e-6
+    # the fused map is then the decoder map alone, halved (arithmetic fusion)
+    np.testing.assert_allclose(result.raw_map, result.extras["decoder_map"] / 2, rtol=0, atol=1e-6)
     other = fitted.predict(normals[2])
     assert result.extras["memory_max"] < other.extras["memory_max"]
 
@@ -200,11 +200,11 @@ def test_t13_fusion_algebra(fitted, normals):
     query = with_defect(normals[2], (40, 50), 10)
     result = fitted.predict(query)
     dec, mem = result.extras["decoder_map"].astype(np.float64), result.extras["memory_map"].astype(np.float64)
-    expected = 1.0 / (1.0 / (dec + FUSION_EPS) + 1.0 / (mem + FUSION_EPS))
-    np.testing.assert_allclose(result.raw_map, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.raw_map, (dec + mem) / 2, rtol=1e-5, atol=1e-7)
     p_text, mem_max = result.extras["text_score"], result.extras["memory_max"]
     assert mem_max == pytest.approx(float(mem.max()), rel=1e-6)
-    assert result.score == pytest.approx(1.0 / (1.0 / (p_text + FUSION_EPS) + 1.0 / (mem_max + FUSION_EPS)), rel=1e-5)
+    assert result.score == pytest.approx((p_text + mem_max) / 2, rel=1e-5)
+    assert 0.0 <= result.score <= 1.0
     assert result.extras["decoder_max"] == pytest.approx(float(dec.max()), rel=1e-6)
 
 
@@ -318,14 +318,14 @@ def test_save_and_load_give_equal_predictions(fitted, tmp_path, normals):
 # ----------------------------------------------------------------------------- hooks
 def test_default_calibration_and_leave_one_out(fitted, normals):
     calibration = fitted.default_calibration()
-    assert (calibration.image_min, calibration.image_max, calibration.image_threshold) == (0.0, 0.5, 0.25)
-    assert (calibration.pixel_min, calibration.pixel_max, calibration.pixel_threshold) == (0.0, 0.5, 0.25)
+    assert (calibration.image_min, calibration.image_max, calibration.image_threshold) == (0.0, 1.0, 0.5)
+    assert (calibration.pixel_min, calibration.pixel_max, calibration.pixel_threshold) == (0.0, 1.0, 0.5)
     assert calibration.source == "default"
     scores = fitted.leave_one_out()
     assert len(scores) == 2
     for (score, anomaly_map), image in zip(scores, normals[:2]):
         assert anomaly_map.shape == image.shape[:2] and anomaly_map.dtype == np.float32
-        assert 0.0 < score <= 0.5  # its own patches are out of the bank, so not a zero distance
+        assert 0.0 < score <= 1.0  # its own patches are out of the bank, so not a zero distance
     single = make(steps=2).fit(normals[:1])
     assert single.leave_one_out() is None
 
@@ -379,6 +379,6 @@ def test_describe(fitted):
 def test_other_presets_fit_and_predict(preset, normals):
     det = make(preset=preset, steps=2).fit(normals[:2])
     result = det.predict(normals[2])
-    assert np.isfinite(result.anomaly_map).all() and 0.0 <= result.score <= 0.5
+    assert np.isfinite(result.anomaly_map).all() and 0.0 <= result.score <= 1.0
     self_match = det.predict(normals[0])
     assert np.abs(self_match.extras["memory_map"]).max() <= 1e-6

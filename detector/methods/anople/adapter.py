@@ -46,7 +46,8 @@ class AnoPLeDetector(Detector):
     Options (anople.md §3.3, §4): ``preset`` ("fast" | "faithful" | "text_only"),
     ``steps`` (None = the preset's), ``scoring`` ("full" | "prompt" | "memory"),
     ``multiview_tta`` (bool), ``coupling`` (None = the preset's, "bidirectional" | "none").
-    ``score`` lies in [0, 0.5] with ``scoring="full"`` (harmonic fusion), in [0, 1] otherwise.
+    ``score`` and the maps lie in [0, 1] for every scoring ("full": arithmetic means of the
+    parts, anople.md "Decisions 2026-12-01").
     """
 
     display_name = "AnoPLe"
@@ -225,12 +226,9 @@ class AnoPLeDetector(Detector):
 
     # ------------------------------------------------------------------ calibration / inspection
     def default_calibration(self) -> Calibration:
-        """Scores and maps in [0, 0.5] (harmonic fusion), threshold 0.25; with
-        ``scoring`` "prompt" or "memory" they lie in [0, 1], threshold 0.5."""
+        """Scores and maps lie in [0, 1] for every scoring: range 0..1, threshold 0.5."""
         from ...calibration import fixed_calibration
 
-        if self.scoring == "full":
-            return fixed_calibration(0.0, 0.5, 0.25)
         return fixed_calibration(0.0, 1.0, 0.5)
 
     def leave_one_out(self) -> list[tuple[float, np.ndarray]] | None:

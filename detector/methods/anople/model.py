@@ -6,8 +6,13 @@ from the prediction logits plus a visual memory bank, which also localises):
 * p_text = softmax(tau [<g, t_n>, <g, t_a>])[1]
 * M_dec  = a_i of the decoder (§2.4)
 * M_mem  = mean over memory levels of min_j (1 - <f_i, b_j>) / 2 (PromptAD's distance)
-* raw map M = 1 / (1 / (M_dec + eps) + 1 / (M_mem + eps))  (PromptAD's harmonic fusion)
-* score s = 1 / (1 / (p_text + eps) + 1 / (max M_mem + eps)), in [0, 0.5]
+* raw map M = (M_dec + M_mem) / 2
+* score s = (p_text + max M_mem) / 2, in [0, 1]
+
+The arithmetic means replace §4's PromptAD-style harmonic means (anople.md "Decisions
+2026-12-01"): a harmonic mean follows whichever part is smaller, so a decoder map or a text
+probability that collapses towards 0 erased the memory bank's evidence. The mean keeps each
+part's evidence when another part is constant; ``health.py`` names such degenerate parts.
 """
 
 from __future__ import annotations
@@ -25,17 +30,15 @@ from .encoders import PromptedCLIP
 from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
 
-#: Added to each denominator of the harmonic fusion (anople.md §4).
-FUSION_EPS = 1e-8
 #: Words of MaPLe's CTX_INIT used to initialise T_1.
 CONTEXT_INIT = "a photo of a"
 #: State words of the two prompts (anople.md §2.2).
 STATE_WORDS = ("normal", "anomalous")
 
 
-def harmonic(a: torch.Tensor, b: torch.Tensor, eps: float = FUSION_EPS) -> torch.Tensor:
-    """Elementwise ``1 / (1 / (a + eps) + 1 / (b + eps))``."""
-    return 1.0 / (1.0 / (a + eps) + 1.0 / (b + eps))
+def mean_fusion(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``(a + b) / 2`` (any equal shapes); in [0, 1] for parts in [0, 1]."""
+    return 0.5 * (a + b)
 
 
 def prompt_texts(class_name: str, n_text: int) -> list[str]:
@@ -265,10 +268,17 @@ class AnoPLe(nn.Module):
 def fused_outputs(
     p_text: torch.Tensor, decoder_map: torch.Tensor, memory_map: torch.Tensor, scoring: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(score (B,), raw map (B, N))`` for ``scoring`` "full" | "prompt" | "memory" (§4)."""
+    """``(score (B,), raw map (B, N))`` for ``scoring`` "full" | "prompt" | "memory".
+
+    Args:
+        p_text: ``(B,)`` prompt probabilities; decoder_map, memory_map: ``(B, N)`` in [0, 1].
+
+    "full": ``((p_text + max M_mem) / 2, (M_dec + M_mem) / 2)``; "prompt": ``(p_text, M_dec)``;
+    "memory": ``(max M_mem, M_mem)``. Every score and map lies in [0, 1].
+    """
     memory_max = memory_map.amax(dim=-1)
     if scoring == "full":
-        return harmonic(p_text, memory_max), harmonic(decoder_map, memory_map)
+        return mean_fusion(p_text, memory_max), mean_fusion(decoder_map, memory_map)
     if scoring == "prompt":
         return p_text, decoder_map
     if scoring == "memory":
