@@ -218,7 +218,7 @@ class AnoPLeDetector(Detector):
             raw_map=raw_map,
             timings=dict(watch.timings),
             extras=extras,
-            warnings=tuple(getattr(image, "warnings", ()) or ()),
+            warnings=tuple(getattr(image, "warnings", ()) or ()) + module.health.warnings(),
         )
 
     def _sigma(self) -> float:
@@ -370,6 +370,8 @@ class AnoPLeDetector(Detector):
             "scoring": self.scoring,
             "multiview_tta": self.multiview_tta,
             "fit_seconds": dict(self.fit_timings),
+            # parts constant over the clean fit views (health.py); named in each result's warnings
+            "degenerate_parts": list(self.module.health.degenerate) if self.module is not None else [],
         }
         if not layout.visual_blocks:
             info["coupling_note"] = "text_only preset: no visual prompts, so the bidirectional coupling (the method's main idea) is off"

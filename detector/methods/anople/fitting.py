@@ -21,6 +21,7 @@ from ...api import Stopwatch
 from .anomalies import latent_noise, latent_patch_mask, pixel_anomaly
 from .config import AnoPLeConfig
 from .decoder import GLOBAL_VIEW, LOCAL_VIEW
+from .health import assess_parts
 from .losses import anople_loss, anomaly_probability
 from .model import AnoPLe
 
@@ -401,10 +402,27 @@ def fit_anople(
     return FitReport(log=log, timings=dict(watch.timings), steps=steps, pool=pool if keep_pool else None)
 
 
+def clean_view_indices(pool: EncodedPool) -> list[int]:
+    """Pool indices of the distinct clean views: every clean local view, and one clean
+    global view per shot (the pool repeats a shot's global view when k < 4)."""
+    seen: set[int] = set()
+    indices = []
+    for index in range(pool.labels.shape[0]):
+        if int(pool.labels[index]) != 0:
+            continue
+        if int(pool.views[index]) == GLOBAL_VIEW:
+            if pool.shots[index] in seen:
+                continue
+            seen.add(pool.shots[index])
+        indices.append(index)
+    return indices
+
+
 def build_fitted_state(module: AnoPLe, normals: list[NormalImage], pool: EncodedPool | None) -> None:
     """Cache t_n / t_a, then encode each normal's global view with the learned prompts
-    (from the pool's cache when there is one): memory banks, and each normal's own
-    p_text and M_dec for leave-one-out."""
+    (from the pool's cache when there is one): memory banks, each normal's own p_text and
+    M_dec for leave-one-out, and the parts' spreads over the clean fit views (``health``:
+    the pool's distinct clean views in the fast preset, the normals' global views otherwise)."""
     device = next(module.decoder.parameters()).device
     with torch.inference_mode():
         text_features = module.encode_text()
@@ -417,12 +435,20 @@ def build_fitted_state(module: AnoPLe, normals: list[NormalImage], pool: Encoded
                 banks[l].append(features.memory[l][0])
             scores.append(module.global_logits(features, text_features).softmax(dim=-1)[0, 1])
             maps.append(module.decode(features, GLOBAL_VIEW, text_features)[0])
-        module.set_fitted_state(
-            text_features,
-            {l: torch.cat(v) for l, v in banks.items()},
-            torch.stack(scores),
-            torch.stack(maps),
-        )
+        normal_scores, normal_maps = torch.stack(scores), torch.stack(maps)
+        clean_scores, clean_maps = normal_scores, normal_maps
+        if pool is not None:
+            local = [i for i in clean_view_indices(pool) if int(pool.views[i]) != GLOBAL_VIEW]
+            if local:
+                index = torch.tensor(local, dtype=torch.long, device=pool.boundary_tokens.device)
+                features = module.encode_views(
+                    cached_tokens=pool.boundary_tokens[index], cached_levels={l: v[index] for l, v in pool.levels.items()}
+                )
+                clean_scores = torch.cat([normal_scores, module.global_logits(features, text_features).softmax(dim=-1)[:, 1]])
+                clean_maps = torch.cat([normal_maps, module.decode(features, GLOBAL_VIEW, text_features)])
+        module.set_fitted_state(text_features, {l: torch.cat(v) for l, v in banks.items()}, normal_scores, normal_maps)
+        health = assess_parts(clean_maps, clean_scores, module.leave_one_out_memory_maps())
+        module.set_health(health)
 
 
 def encode_normal(module: AnoPLe, normal: NormalImage, shot: int, pool: EncodedPool | None, device: torch.device):

@@ -27,6 +27,7 @@ from torch import nn
 from .config import AnoPLeConfig, BlockLayout, block_layout
 from .decoder import MultiViewDecoder
 from .encoders import PromptedCLIP
+from .health import PartHealth
 from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
 
@@ -68,7 +69,8 @@ class AnoPLe(nn.Module):
 
     Parameters: ``learner`` (T_j, V_j, coupling maps) and ``decoder`` (adapters, view
     tokens, layer, head). Buffers after fit: ``text_features (2, E)``, memory banks
-    ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``.
+    ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``,
+    ``part_spreads (3,)`` (``health.PartHealth``; NaN = not checked).
     The CLIP backbone is held by ``clip`` (a ``PromptedCLIP``), outside the state dict.
 
     Args:
@@ -127,11 +129,17 @@ class AnoPLe(nn.Module):
             self.register_buffer(f"memory_{level}", torch.zeros(0, visual_width))
         self.register_buffer("normal_text_scores", torch.zeros(0))
         self.register_buffer("normal_decoder_maps", torch.zeros(0, clip.num_patches))
+        self.register_buffer("part_spreads", PartHealth().to_tensor())
 
     # ------------------------------------------------------------------ parts
     @property
     def tau(self) -> float:
         return self.clip.logit_scale
+
+    @property
+    def health(self) -> PartHealth:
+        """Which parts were degenerate over the clean fit views (stored in ``part_spreads``)."""
+        return PartHealth.from_tensor(self.part_spreads)
 
     def memory_bank(self, level: int) -> torch.Tensor:
         return getattr(self, f"memory_{level}")
@@ -246,12 +254,18 @@ class AnoPLe(nn.Module):
         normal_decoder_maps: torch.Tensor,
     ) -> None:
         """Store what predict needs: t_n/t_a, the banks ``{l: (k*N, D_v)}`` and the
-        normals' own p_text ``(k,)`` and M_dec ``(k, N)`` (for leave-one-out)."""
+        normals' own p_text ``(k,)`` and M_dec ``(k, N)`` (for leave-one-out). Resets the
+        parts' spreads to "not checked" until ``set_health``."""
         self.text_features = text_features.detach().clone()
         for level, bank in memory.items():
             setattr(self, f"memory_{level}", bank.detach().clone())
         self.normal_text_scores = normal_text_scores.detach().clone()
         self.normal_decoder_maps = normal_decoder_maps.detach().clone()
+        self.set_health(PartHealth())
+
+    def set_health(self, health: PartHealth) -> None:
+        """Store the parts' spreads over the clean fit views (``part_spreads``)."""
+        self.part_spreads = health.to_tensor().to(self.part_spreads.device)
 
     def resize_buffers_for(self, state: dict[str, torch.Tensor]) -> None:
         """Give the k-dependent buffers the shapes of a saved state before loading it."""
@@ -260,6 +274,20 @@ class AnoPLe(nn.Module):
                 current = getattr(self, name)
                 if state[name].ndim == current.ndim and state[name].shape[1:] == current.shape[1:]:
                     setattr(self, name, torch.zeros_like(state[name], dtype=current.dtype, device=current.device))
+
+    def leave_one_out_memory_maps(self) -> torch.Tensor | None:
+        """``(k, N)`` M_mem of each normal's global view against the bank without its own
+        patches; ``None`` for k < 2."""
+        num_patches = self.clip.num_patches
+        k = self.memory_bank(self.layout.memory_levels[0]).shape[0] // num_patches
+        if k < 2:
+            return None
+        maps = []
+        for index in range(k):
+            rows = slice(index * num_patches, (index + 1) * num_patches)
+            memory = {l: self.memory_bank(l)[rows].unsqueeze(0) for l in self.layout.memory_levels}
+            maps.append(self.memory_scores(memory, exclude=[index])[0][0])
+        return torch.stack(maps)
 
     def learned_parameters(self) -> list[nn.Parameter]:
         return list(self.learner.parameters()) + list(self.decoder.parameters())
