@@ -4,6 +4,7 @@ T11-T16; plus saving/loading, calibration hooks, explanations and describe)."""
 from __future__ import annotations
 
 import math
+import re
 
 import cv2
 import numpy as np
@@ -269,13 +270,17 @@ def test_fit_does_not_touch_the_global_rng(normals):
 # ----------------------------------------------------------------------------- T15
 def test_t15_progress(normals):
     calls: list[tuple[float, str]] = []
-    make(steps=5).fit(normals[:2], progress=lambda fraction, message: calls.append((fraction, message)))
+    det = make(steps=5).fit(normals[:2], progress=lambda fraction, message: calls.append((fraction, message)))
     fractions = [f for f, _ in calls]
     assert all(0.0 <= f <= 1.0 for f in fractions)
     assert all(b >= a for a, b in zip(fractions, fractions[1:]))
     assert fractions[-1] == 1.0
-    step_messages = [m for _, m in calls if m.startswith("step ")]
-    assert [m.split()[1] for m in step_messages] == [f"{i}/5" for i in range(1, 6)]
+    steps = [re.fullmatch(r"learning prompts, step (\d+)/(\d+), loss (\d+\.\d{3})", m) for _, m in calls]
+    steps = [match for match in steps if match]
+    assert [(int(m[1]), int(m[2])) for m in steps] == [(i, 5) for i in range(1, 6)]
+    # the loss shown is the running mean of the last (up to) 5 total losses
+    log = [entry[1] for entry in det.training_log]
+    assert [float(m[3]) for m in steps] == [round(float(np.mean(log[max(0, i - 5) : i])), 3) for i in range(1, 6)]
     make(steps=2).fit(normals[:1])  # no callback
 
 

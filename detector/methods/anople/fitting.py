@@ -27,13 +27,10 @@ from .model import AnoPLe
 
 Progress = Callable[[float, str], None]
 
-#: View kinds of the fast preset's pool, in order, per shot (anople.md §3.3).
-POOL_KINDS = ("global", "local", "global-pixel", "local-pixel")
 
-
-def pool_size(k: int) -> int:
-    """clamp(4k, 16, 32) views."""
-    return int(min(32, max(16, 4 * k)))
+def pool_size(k: int, config: AnoPLeConfig) -> int:
+    """clamp(per_shot * k, min, max) views (fast preset: clamp(3k, 12, 24))."""
+    return int(min(config.pool_max, max(config.pool_min, config.pool_per_shot * k)))
 
 
 @dataclass
@@ -171,39 +168,67 @@ class ViewMaker:
         )
 
 
-def pool_items(k: int) -> list[tuple[int, bool, bool]]:
-    """The fast preset's pool: 4 views per shot (global, local, global-pixel, local-pixel),
-    shots cycled until clamp(4k, 16, 32) views."""
-    items = []
-    for index in range(pool_size(k)):
-        kind = POOL_KINDS[index % 4]
-        items.append(((index // 4) % k, kind.startswith("local"), kind.endswith("pixel")))
-    return items
+def pool_items(k: int, size: int) -> list[tuple[int, bool, bool]]:
+    """The cached pool as ``(shot, local, pixel)`` triples: half clean, half pixel-anomalous
+    (DRAEM's 50 % no-anomaly draw).
+
+    Clean half: every normal's own global view first (the memory bank and the query-like
+    views come free from the cache), then local crops, shots cycled. Pixel half: global and
+    local pseudo-anomalous views alternating, shots cycled."""
+    clean_count = size // 2
+    clean = [(shot, False, False) for shot in range(min(k, clean_count))]
+    clean += [(index % k, True, False) for index in range(clean_count - len(clean))]
+    # global / local alternate along the pool and flip each round of shots, so that every
+    # shot gets both kinds whatever k is
+    pixel = [(index % k, (index // k + index % k) % 2 == 1, True) for index in range(size - clean_count)]
+    return clean + pixel
+
+
+#: The progress message's loss is the mean total loss of the last this many steps.
+RUNNING_LOSS_WINDOW = 5
+#: Views per batch when the pool is encoded (the normals' own global views go one by one).
+POOL_ENCODE_BATCH = 4
 
 
 def encode_pool(module: AnoPLe, batch: ViewBatch, progress: Progress | None, start: float, end: float) -> EncodedPool:
-    """Frozen prefix of every view, one view at a time (the same computation a single
-    query gets, so the memory bank matches queries exactly)."""
+    """Frozen prefix of every view up to the cache boundary.
+
+    A normal's clean global view is its own query input: it is encoded alone (the same
+    computation a query of that image gets, so the memory bank matches queries exactly) and
+    only once, however often the pool repeats it (k < 4). The other views go in batches of
+    ``POOL_ENCODE_BATCH`` (a little faster per view on CPU)."""
     layout = module.layout
     keep = sorted(l for l in set(layout.decoder_levels) | set(layout.memory_levels) if l < layout.boundary)
-    tokens, levels = [], {l: [] for l in keep}
     count = batch.images.shape[0]
+    first_global: dict[int, int] = {}
+    source = list(range(count))  # pool index whose encoding each view reuses
+    for index in range(count):
+        if int(batch.labels[index]) == 0 and int(batch.views[index]) == GLOBAL_VIEW:
+            source[index] = first_global.setdefault(batch.shots[index], index)
+    singles = sorted(set(first_global.values()))
+    others = [i for i in range(count) if i not in first_global.values() and source[i] == i]
+    chunks = [[i] for i in singles] + [others[i : i + POOL_ENCODE_BATCH] for i in range(0, len(others), POOL_ENCODE_BATCH)]
+    tokens: dict[int, torch.Tensor] = {}
+    levels: dict[int, dict[int, torch.Tensor]] = {l: {} for l in keep}
+    done = 0
     with torch.inference_mode():
-        for index in range(count):
-            boundary, kept = module.clip.encode_prefix(batch.images[index : index + 1], layout.boundary, keep=keep)
-            tokens.append(boundary)
-            for l in keep:
-                levels[l].append(kept[l][:, 1:])
+        for chunk in chunks:
+            boundary, kept = module.clip.encode_prefix(batch.images[chunk], layout.boundary, keep=keep)
+            for row, index in enumerate(chunk):
+                tokens[index] = boundary[row]
+                for l in keep:
+                    levels[l][index] = kept[l][row, 1:]
+            done += len(chunk)
             if progress is not None:
-                progress(start + (end - start) * (index + 1) / count, f"encoding view {index + 1}/{count}")
+                progress(start + (end - start) * done / (len(singles) + len(others)), f"encoding view {done}/{len(singles) + len(others)}")
     return EncodedPool(
         images=batch.images,
         labels=batch.labels,
         targets=batch.targets,
         views=batch.views,
         shots=batch.shots,
-        boundary_tokens=torch.cat(tokens).clone(),
-        levels={l: torch.cat(v).clone() for l, v in levels.items()},
+        boundary_tokens=torch.stack([tokens[source[i]] for i in range(count)]).clone(),
+        levels={l: torch.stack([v[source[i]] for i in range(count)]).clone() for l, v in levels.items()},
     )
 
 
@@ -290,7 +315,8 @@ def fit_anople(
 
     Randomness: one ``numpy.random.Generator`` and one ``torch.Generator`` seeded from
     ``seed``; nothing global is used. Progress: 0-0.10 views, 0.10-0.30 encoding,
-    0.30-0.95 steps ("step i/N loss L"), 0.95-0.99 memory bank.
+    0.30-0.95 steps ("learning prompts, step i/N, loss L" with L the running mean of the
+    last ``RUNNING_LOSS_WINDOW`` total losses), 0.95-0.99 memory bank.
     """
     config, layout = module.config, module.layout
     rng = np.random.default_rng(seed)
@@ -307,7 +333,7 @@ def fit_anople(
     pool: EncodedPool | None = None
     with watch("encode"):
         if config.cached_pool:
-            items = pool_items(k)
+            items = pool_items(k, pool_size(k, config))
             views = []
             for index, item in enumerate(items):
                 views.append(maker.batch([item]))
@@ -393,7 +419,8 @@ def fit_anople(
             optimizer.step()
             entry = (step + 1, terms.total.item(), terms.glob.item(), terms.local.item(), terms.align.item())
             log.append(entry)
-            report(0.30 + 0.65 * (step + 1) / steps, f"step {step + 1}/{steps} loss {entry[1]:.3f}")
+            running = float(np.mean([e[1] for e in log[-RUNNING_LOSS_WINDOW:]]))
+            report(0.30 + 0.65 * (step + 1) / steps, f"learning prompts, step {step + 1}/{steps}, loss {running:.3f}")
     module.decoder.eval()
 
     with watch("memory"):
