@@ -5,6 +5,13 @@ The fast preset encodes a fixed pool of views once up to the cache boundary (exa
 because nothing before it is learned) and trains only the prompted suffix; the faithful
 preset draws fresh views each step and runs the full prompted forward. Both share the
 loss, the latent anomalies and the memory-bank construction.
+
+Fast preset after issue 21 (anople.md "Decisions 2026-12-01": the fit for k = 4 costs at
+most 40 image-encoder forwards): visual prompts in block 12 only, the cache boundary and
+the latent anomalies after block 11, a pool of clamp(4k, 16, 32) views (half clean: each
+normal's global view, then local crops; half pixel-anomalous) encoded once in batches,
+12 AdamW steps of batch 4 at lr 4e-3 (prompts) / 2e-3 (decoder). Measured split and the
+former numbers: README, AnoPLe section.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ Progress = Callable[[float, str], None]
 
 
 def pool_size(k: int, config: AnoPLeConfig) -> int:
-    """clamp(per_shot * k, min, max) views (fast preset: clamp(3k, 12, 24))."""
+    """clamp(per_shot * k, min, max) views (fast preset: clamp(4k, 16, 32))."""
     return int(min(config.pool_max, max(config.pool_min, config.pool_per_shot * k)))
 
 
