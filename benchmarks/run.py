@@ -188,6 +188,7 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
         row["speedup_vs_official"] = row["official_median_s"] / row["official_ours_median_s"]
         row["official_shots"] = 2
     if method == "anople":
+        row["anople_fit_ratios"] = _anople_fit_ratios(quick, normals, inputs[0])
         row["anople_presets"] = _anople_presets(quick, normals)
     row["peak_rss_mib"] = _peak_rss_mib()
     if method in REDUCED_PRECISION_METHODS:
@@ -214,6 +215,62 @@ def _reduced_precision(method: str, quick: bool, fp32_detector: Any, queries: li
         "max_score_diff": max(score_diffs),
         "max_raw_map_diff": max(map_diffs),
     }
+
+
+#: AnoPLe's fit budget (issue 21): the fast preset's fit for k = 4, first fit of a fresh
+#: detector included, costs at most this many image-encoder forwards of the same run.
+ANOPLE_FIT_BUDGET_FORWARDS = 40.0
+ANOPLE_RATIO_SHOTS = (1, 4, 8)
+ENCODER_REPEATS = 5
+
+
+def _anople_fit_ratios(quick: bool, normals: list, encoder_input: Any) -> dict[str, Any]:
+    """For k = 1, 4, 8: the first fit of a fresh fast-preset detector, divided by the median
+    of ``ENCODER_REPEATS`` plain image-encoder forwards (``encode_image``, batch 1) measured
+    right before it in the same process; also the fit's encode / train / memory split."""
+    import torch
+
+    table: dict[str, Any] = {}
+    for k in ANOPLE_RATIO_SHOTS:
+        det = _create("anople", quick, **({"steps": 3} if quick else {}))
+        encoder = det.backbone.model
+        with torch.inference_mode():
+            encoder.encode_image(encoder_input)  # warm-up
+            encoder_times = [_timed(lambda: encoder.encode_image(encoder_input)) for _ in range(ENCODER_REPEATS)]
+        fit_s = _timed(lambda: det.fit(normals[:k]))
+        encoder_s = statistics.median(encoder_times)
+        split = {key: det.fit_timings.get(key) for key in ("encode", "train", "memory")}
+        table[f"k{k}"] = {
+            "k": k,
+            "fit_s": fit_s,
+            "encoder_s": encoder_s,
+            "encoder_all_s": encoder_times,
+            "fit_to_encoder": fit_s / encoder_s,
+            "split_s": split,
+            "split_forwards": {key: (value / encoder_s if value is not None else None) for key, value in split.items()},
+            "steps": det.config.steps,
+        }
+    table["budget_forwards"] = ANOPLE_FIT_BUDGET_FORWARDS
+    table["k4_within_budget"] = table["k4"]["fit_to_encoder"] <= ANOPLE_FIT_BUDGET_FORWARDS
+    return table
+
+
+def anople_ratio_table(ratios: dict[str, Any]) -> str:
+    lines = [
+        "| AnoPLe fast fit (fresh detector) | fit (s) | encoder forward (s) | fit / encoder | encode / train / memory (forwards) |",
+        "|---|---|---|---|---|",
+    ]
+    for key in (f"k{k}" for k in ANOPLE_RATIO_SHOTS):
+        entry = ratios[key]
+        split = " / ".join(_format(v) for v in entry["split_forwards"].values())
+        lines.append(
+            f"| k = {entry['k']} ({entry['steps']} steps) | {_format(entry['fit_s'])} | {_format(entry['encoder_s'])} "
+            f"| {_format(entry['fit_to_encoder'])} | {split} |"
+        )
+    verdict = "met" if ratios["k4_within_budget"] else "NOT met"
+    lines.append("")
+    lines.append(f"Target fit / encoder <= {ratios['budget_forwards']:.0f} for k = 4: {verdict}.")
+    return "\n".join(lines)
 
 
 def _anople_presets(quick: bool, normals: list) -> dict[str, Any]:
@@ -314,6 +371,8 @@ def run(methods: Sequence[str], quick: bool, queries: int, threads: int, isolate
 def report(result: dict[str, Any]) -> str:
     parts = [markdown_table(result["rows"])]
     for row in result["rows"]:
+        if "anople_fit_ratios" in row:
+            parts.append(anople_ratio_table(row["anople_fit_ratios"]))
         if "anople_presets" in row:
             parts.append(anople_table(row["anople_presets"]))
     for row in result["rows"]:

@@ -93,3 +93,20 @@ def test_first_answer_benchmark_quick_prints_every_ratio(capsys):
     for name in first_answer.TARGETS:
         assert f"| {name} |" in text
     assert "F (ViT-L-14-336 @ 518)" in text
+
+
+def test_anople_fit_ratios_come_from_one_run(tmp_path):
+    """AnoPLe's fit budget: the first fit of a fresh detector for k = 1, 4, 8, each divided by
+    encoder forwards measured in the same run (quick: tiny-test, 3 steps)."""
+    out = tmp_path / "results.json"
+    assert bench.main(["--quick", "--methods", "anople", "--queries", "2", "--no-isolate", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    ratios = row["anople_fit_ratios"]
+    for k in (1, 4, 8):
+        entry = ratios[f"k{k}"]
+        assert entry["k"] == k and len(entry["encoder_all_s"]) == bench.ENCODER_REPEATS
+        assert entry["encoder_s"] == pytest.approx(statistics.median(entry["encoder_all_s"]))
+        assert entry["fit_to_encoder"] == pytest.approx(entry["fit_s"] / entry["encoder_s"])
+        assert 0 < sum(entry["split_s"].values()) <= entry["fit_s"]
+    assert ratios["k4_within_budget"] == (ratios["k4"]["fit_to_encoder"] <= bench.ANOPLE_FIT_BUDGET_FORWARDS)
+    assert "fit / encoder" in bench.report(json.loads(out.read_text()))

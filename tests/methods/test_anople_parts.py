@@ -1,5 +1,5 @@
 """AnoPLe's parts on the tiny random CLIP: encoder loops, prompt mechanics, coupling,
-pseudo anomalies (anople.md §7, T2-T6, T9, T10)."""
+pseudo anomalies (docs/anople.md §7, T2-T6, T9, T10)."""
 
 from __future__ import annotations
 
@@ -39,13 +39,17 @@ def test_layer_indices_are_fractions_of_depth(tiny_backbone):
     assert [scale_block(i, 6) for i in (6, 9, 10, 11, 12)] == [3, 5, 5, 6, 6]
     assert [scale_block(i, 12) for i in (6, 9, 12)] == [6, 9, 12]
     fast = block_layout(preset_config("fast"), 12, 12)
-    assert fast.visual_blocks == (11, 12) and fast.text_blocks == tuple(range(1, 13))
-    assert fast.boundary == 10 and fast.decoder_levels == (6, 9, 12) and fast.memory_levels == (6, 9)
+    assert fast.visual_blocks == (12,) and fast.text_blocks == tuple(range(1, 13)) and fast.coupled == ((12, 12),)
+    assert fast.boundary == 11 and fast.latent_block == 11
+    assert fast.decoder_levels == (6, 9, 12) and fast.memory_levels == (6, 9)
+    # on a 6-block tower the latent anomalies stay on the cached tokens, before block 6
+    tiny = block_layout(preset_config("fast"), 6, 6)
+    assert tiny.visual_blocks == (6,) and tiny.latent_block == 5 and tiny.boundary == 5
     faithful = block_layout(preset_config("faithful"), 12, 12)
-    assert faithful.visual_blocks == tuple(range(1, 10)) and faithful.boundary == 0
+    assert faithful.visual_blocks == tuple(range(1, 10)) and faithful.boundary == 0 and faithful.latent_block == 10
     assert faithful.coupled == tuple((j, j) for j in range(1, 10))
     text_only = block_layout(preset_config("text_only"), 12, 12)
-    assert text_only.visual_blocks == () and text_only.coupled == () and text_only.boundary == 10
+    assert text_only.visual_blocks == () and text_only.coupled == () and text_only.boundary == 11
 
 
 # ----------------------------------------------------------------------------- T2

@@ -1,4 +1,4 @@
-"""Simulated anomalies for AnoPLe's training (anople.md §3.1).
+"""Simulated anomalies for AnoPLe's training (docs/anople.md §3.1).
 
 AnoPLe trains on normal images only, with anomalies simulated in pixel space and in
 latent space ([paper] TL;DR). The pixel recipe follows DRAEM (Perlin masks, photometric
@@ -284,7 +284,7 @@ def latent_noise(
         tokens: ``(B, 1 + N, D)`` block outputs, CLS first.
         patch_mask: bool ``(B, N)``, which patch tokens become anomalous.
         channel_std: ``(D,)`` per-channel std of clean boundary tokens.
-        sigma: relative noise scale (0.5 by default, anople.md §3.1).
+        sigma: relative noise scale (0.5 by default, docs/anople.md §3.1).
         generator: the only source of randomness.
 
     Returns a new tensor; CLS and unmasked tokens are bit-identical to the input.

@@ -1,4 +1,4 @@
-"""The lightweight multi-view decoder (anople.md §2.4, a reconstruction of [paper] P6).
+"""The lightweight multi-view decoder (docs/anople.md §2.4, a reconstruction of [paper] P6).
 
 [paper]: "a lightweight decoder with a learnable multi-view signal, trained on
 multi-scale images"; the CVPR version calls the signal a "scale-aware prefix". Here:

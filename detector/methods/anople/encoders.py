@@ -1,4 +1,4 @@
-"""CLIP's two towers with deep prompts injected MaPLe-style (anople.md §2.3).
+"""CLIP's two towers with deep prompts injected MaPLe-style (docs/anople.md §2.3).
 
 ``PromptedCLIP`` wraps a frozen open_clip ``CLIP`` without copying or changing it: the
 loops below call open_clip's own embedding layers, ``resblocks``, norms, pooling and
@@ -20,11 +20,76 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 
 #: Called on the (B, 1 + N, D) output of one block (prompt tokens excluded); returns the
 #: tensor that continues through the network. Used for latent anomalies.
 TokenHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+def lean_block_applies(block: torch.nn.Module) -> bool:
+    """Whether ``lean_block`` reproduces ``block``: open_clip's standard residual block with
+    a packed-projection ``nn.MultiheadAttention`` (all CLIP ViT-B/L towers and tiny-test)."""
+    attn = getattr(block, "attn", None)
+    return (
+        type(block) is ResidualAttentionBlock
+        and isinstance(attn, torch.nn.MultiheadAttention)
+        and bool(attn._qkv_same_embed_dim)
+        and attn.in_proj_bias is not None
+        and attn.out_proj.bias is not None
+        and not hasattr(block, "ln_1_kv")
+    )
+
+
+def lean_block(
+    block: torch.nn.Module,
+    x: torch.Tensor,
+    extra: torch.Tensor | None = None,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    keep_extra: bool = True,
+) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock.forward`` on ``cat(x, extra)``, written with
+    ``F.linear`` / ``F.scaled_dot_product_attention`` on the block's own weights (the same
+    arithmetic, less dispatch).
+
+    Args:
+        x: ``(B, L, D)`` batch-first tokens.
+        extra: ``(B, n, D)`` tokens appended after ``x`` (prompt tokens), or ``None``.
+        attn_mask: additive ``(L + n, L + n)`` mask (text: causal), or ``None``.
+        keep_extra: return the outputs of the ``extra`` tokens too. With ``False`` only the
+            ``L`` rows of ``x`` are computed: the extra tokens still act as keys and values
+            (that is how prompts act), but their queries, MLP and outputs are skipped, and
+            when ``x`` needs no gradient (cached tokens) the backward pass touches only the
+            projections of the extra tokens.
+
+    Returns:
+        ``(B, L + n, D)`` with ``keep_extra``, else ``(B, L, D)``.
+    """
+    attn = block.attn
+    width = x.shape[-1]
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if extra is not None and extra.shape[1] and not keep_extra:
+        queries = x
+        q, k, v = F.linear(block.ln_1(x), weight, bias).split(width, dim=-1)
+        k_extra, v_extra = F.linear(block.ln_1(extra), weight[width:], bias[width:]).split(width, dim=-1)
+        k, v = torch.cat([k, k_extra], dim=1), torch.cat([v, v_extra], dim=1)
+        if attn_mask is not None:
+            attn_mask = attn_mask[: x.shape[1]]
+    else:
+        queries = x if extra is None or not extra.shape[1] else torch.cat([x, extra], dim=1)
+        q, k, v = F.linear(block.ln_1(queries), weight, bias).split(width, dim=-1)
+    batch = x.shape[0]
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)
+
+    mask = attn_mask.to(q.dtype) if attn_mask is not None else None
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask)
+    out = F.linear(out.transpose(1, 2).reshape(batch, q.shape[1], width), attn.out_proj.weight, attn.out_proj.bias)
+    h = queries + block.ls_1(out)
+    return h + block.ls_2(block.mlp(block.ln_2(h)))
 
 
 class PromptedCLIP:
@@ -141,9 +206,17 @@ class PromptedCLIP:
         kept: dict[int, torch.Tensor] = {}
         for j in range(start_block, stop + 1):
             if j in prompts and not (j == 1 and cached_tokens is None):
-                x = torch.cat([x[:, :length], self._expand(prompts[j], x)], dim=1)
-                n_prompt = prompts[j].shape[0]
-            x = self._run_block(self.vision_blocks[j - 1], x, self.vision_batch_first)
+                extra = self._expand(prompts[j], x)
+            else:
+                extra = x[:, length:]
+            block = self.vision_blocks[j - 1]
+            if extra.shape[1] and lean_block_applies(block):
+                # Prompt outputs are needed only when the next block keeps them.
+                keep_extra = j < stop and (j + 1) not in prompts
+                x = lean_block(block, x[:, :length], extra, keep_extra=keep_extra)
+            else:
+                inputs = torch.cat([x[:, :length], extra], dim=1) if extra.shape[1] else x[:, :length]
+                x = self._run_block(block, inputs, self.vision_batch_first)
             if hook is not None and j == hook_block:
                 x = torch.cat([hook(x[:, :length]), x[:, length:]], dim=1)
             if j in keep:
@@ -188,7 +261,10 @@ class PromptedCLIP:
         for j, block in enumerate(self.text_blocks, start=1):
             if j > 1 and j in prompts:
                 x = torch.cat([x[:, :1], self._expand(prompts[j], x), x[:, 1 + n_ctx :]], dim=1)
-            x = self._run_block(block, x, self.text_batch_first, attn_mask=mask)
+            if lean_block_applies(block):
+                x = lean_block(block, x, attn_mask=mask)
+            else:
+                x = self._run_block(block, x, self.text_batch_first, attn_mask=mask)
         x = model.ln_final(x)
         pooled = text_global_pool(x, token_ids[:, :length], model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         if model.text_projection is not None:

@@ -1,208 +1,84 @@
 """AnoPLe's ``fit``: views, pseudo anomalies, the cached pool and the optimisation loop
-(anople.md §3.1-§3.4).
+(docs/anople.md §3.1-§3.4).
 
 The fast preset encodes a fixed pool of views once up to the cache boundary (exact,
 because nothing before it is learned) and trains only the prompted suffix; the faithful
 preset draws fresh views each step and runs the full prompted forward. Both share the
 loss, the latent anomalies and the memory-bank construction.
+
+Fast preset (docs/anople.md §4.2-§4.3, §5: the fit for k = 4 costs at
+most 40 image-encoder forwards): visual prompts in block 12 only, the cache boundary and
+the latent anomalies after block 11, a pool of clamp(4k, 16, 32) views (half clean: each
+normal's global view, then local crops; half pixel-anomalous) encoded once in batches,
+12 AdamW steps of batch 4 at lr 4e-3 (prompts) / 2e-3 (decoder). Measured split and the
+former numbers: README, AnoPLe section.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ...timing import Stopwatch
-from .anomalies import latent_noise, latent_patch_mask, pixel_anomaly
+from .anomalies import latent_noise, latent_patch_mask
 from .config import AnoPLeConfig
-from .decoder import GLOBAL_VIEW, LOCAL_VIEW
+from .decoder import GLOBAL_VIEW
+from .health import assess_parts
 from .losses import anople_loss, anomaly_probability
 from .model import AnoPLe
+from .views import EncodedPool, NormalImage, Progress, ViewBatch, ViewMaker, pool_items, pool_size
 
-Progress = Callable[[float, str], None]
+__all__ = ["FitReport", "NormalImage", "build_fitted_state", "encode_pool", "fit_anople", "pool_decoder_probabilities"]
 
-#: View kinds of the fast preset's pool, in order, per shot (anople.md §3.3).
-POOL_KINDS = ("global", "local", "global-pixel", "local-pixel")
-
-
-def pool_size(k: int) -> int:
-    """clamp(4k, 16, 32) views."""
-    return int(min(32, max(16, 4 * k)))
-
-
-@dataclass
-class NormalImage:
-    """One fitted normal: its RGB pixels and its global-view model input (the same tensor
-    a query of that image gets)."""
-
-    rgb: np.ndarray
-    global_input: torch.Tensor  # (3, S, S)
-
-
-@dataclass
-class ViewBatch:
-    """Views ready for the encoder.
-
-    Attributes:
-        images: ``(B, 3, S, S)`` normalised inputs.
-        labels: ``(B,)`` long, 1 = pixel-anomalous.
-        targets: ``(B, N)`` soft patch targets.
-        views: ``(B,)`` long view ids (0 global, 1 local).
-        shots: index of the normal each view comes from.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    targets: torch.Tensor
-    views: torch.Tensor
-    shots: list[int]
-
-
-@dataclass
-class EncodedPool(ViewBatch):
-    """A ``ViewBatch`` encoded up to the cache boundary.
-
-    Attributes:
-        boundary_tokens: ``(P, 1 + N, D_v)`` output of block ``layout.boundary``.
-        levels: ``{l: (P, N, D_v)}`` patch rows of the kept blocks below the boundary.
-    """
-
-    boundary_tokens: torch.Tensor = None
-    levels: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class ViewMaker:
-    """Builds global / local views and DRAEM pseudo anomalies from the normals.
-
-    Args:
-        normals: the fitted normals.
-        size: model input side S.
-        patch: ViT patch size.
-        to_input: uint8 (S, S, 3) view -> normalised (3, S, S) tensor (the query
-            preprocessing; an S x S view is not resized again).
-        rng: numpy generator for every random choice.
-        resized_crop: apply a random resized crop (area 0.8..1) first (faithful preset).
-        local_fraction: side of the local crop relative to min(H, W) (0.5: a 2x zoom).
-    """
-
-    def __init__(
-        self,
-        normals: list[NormalImage],
-        size: int,
-        patch: int,
-        to_input: Callable[[np.ndarray], torch.Tensor],
-        rng: np.random.Generator,
-        *,
-        resized_crop: bool = False,
-        local_fraction: float = 0.5,
-    ) -> None:
-        self.normals = normals
-        self.size = size
-        self.patch = patch
-        self.to_input = to_input
-        self.rng = rng
-        self.resized_crop = resized_crop
-        self.local_fraction = local_fraction
-        self.grid = size // patch
-
-    def _resize(self, rgb: np.ndarray) -> np.ndarray:
-        """Bicubic (antialiased, PIL) resize to S x S, as the query preprocessing does."""
-        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((self.size, self.size), Image.BICUBIC))
-
-    def _source_image(self, shot: int) -> np.ndarray:
-        rgb = self.normals[shot].rgb
-        if not self.resized_crop:
-            return rgb
-        height, width = rgb.shape[:2]
-        scale = math.sqrt(self.rng.uniform(0.8, 1.0))
-        crop_h, crop_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
-        top = int(self.rng.integers(0, height - crop_h + 1))
-        left = int(self.rng.integers(0, width - crop_w + 1))
-        return rgb[top : top + crop_h, left : left + crop_w]
-
-    def view_pixels(self, shot: int, local: bool) -> np.ndarray:
-        """uint8 (S, S, 3): the whole image (global) or a random square crop of side
-        ``local_fraction * min(H, W)`` of the original-resolution image (local)."""
-        rgb = self._source_image(shot)
-        if not local:
-            return self._resize(rgb)
-        height, width = rgb.shape[:2]
-        side = max(1, int(round(self.local_fraction * min(height, width))))
-        top = int(self.rng.integers(0, height - side + 1))
-        left = int(self.rng.integers(0, width - side + 1))
-        return self._resize(rgb[top : top + side, left : left + side])
-
-    def make(self, shot: int, local: bool, pixel: bool) -> tuple[torch.Tensor, int, np.ndarray]:
-        """One view: ``(input (3, S, S), label, patch targets (N,))``.
-
-        The clean global view without resized crop is the normal's own query input.
-        """
-        if not local and not pixel and not self.resized_crop:
-            return self.normals[shot].global_input, 0, np.zeros(self.grid * self.grid, np.float32)
-        view = self.view_pixels(shot, local)
-        if not pixel:
-            return self.to_input(view), 0, np.zeros(self.grid * self.grid, np.float32)
-        sources = [n.rgb for n in self.normals]
-        image, _, targets, _ = pixel_anomaly(view, sources, self.patch, self.rng)
-        return self.to_input(image), 1, targets.reshape(-1)
-
-    def batch(self, items: list[tuple[int, bool, bool]]) -> ViewBatch:
-        """Views for ``(shot, local, pixel)`` triples."""
-        inputs, labels, targets, views, shots = [], [], [], [], []
-        for shot, local, pixel in items:
-            tensor, label, target = self.make(shot, local, pixel)
-            inputs.append(tensor)
-            labels.append(label)
-            targets.append(torch.from_numpy(target))
-            views.append(LOCAL_VIEW if local else GLOBAL_VIEW)
-            shots.append(shot)
-        return ViewBatch(
-            images=torch.stack(inputs),
-            labels=torch.tensor(labels, dtype=torch.long),
-            targets=torch.stack(targets),
-            views=torch.tensor(views, dtype=torch.long),
-            shots=shots,
-        )
-
-
-def pool_items(k: int) -> list[tuple[int, bool, bool]]:
-    """The fast preset's pool: 4 views per shot (global, local, global-pixel, local-pixel),
-    shots cycled until clamp(4k, 16, 32) views."""
-    items = []
-    for index in range(pool_size(k)):
-        kind = POOL_KINDS[index % 4]
-        items.append(((index // 4) % k, kind.startswith("local"), kind.endswith("pixel")))
-    return items
+#: The progress message's loss is the mean total loss of the last this many steps.
+RUNNING_LOSS_WINDOW = 5
+#: Views per batch when the pool is encoded (the normals' own global views go one by one).
+POOL_ENCODE_BATCH = 4
 
 
 def encode_pool(module: AnoPLe, batch: ViewBatch, progress: Progress | None, start: float, end: float) -> EncodedPool:
-    """Frozen prefix of every view, one view at a time (the same computation a single
-    query gets, so the memory bank matches queries exactly)."""
+    """Frozen prefix of every view up to the cache boundary.
+
+    A normal's clean global view is its own query input: it is encoded alone (the same
+    computation a query of that image gets, so the memory bank matches queries exactly) and
+    only once, however often the pool repeats it (k < 4). The other views go in batches of
+    ``POOL_ENCODE_BATCH`` (a little faster per view on CPU)."""
     layout = module.layout
     keep = sorted(l for l in set(layout.decoder_levels) | set(layout.memory_levels) if l < layout.boundary)
-    tokens, levels = [], {l: [] for l in keep}
     count = batch.images.shape[0]
+    first_global: dict[int, int] = {}
+    source = list(range(count))  # pool index whose encoding each view reuses
+    for index in range(count):
+        if int(batch.labels[index]) == 0 and int(batch.views[index]) == GLOBAL_VIEW:
+            source[index] = first_global.setdefault(batch.shots[index], index)
+    singles = sorted(set(first_global.values()))
+    others = [i for i in range(count) if i not in first_global.values() and source[i] == i]
+    chunks = [[i] for i in singles] + [others[i : i + POOL_ENCODE_BATCH] for i in range(0, len(others), POOL_ENCODE_BATCH)]
+    tokens: dict[int, torch.Tensor] = {}
+    levels: dict[int, dict[int, torch.Tensor]] = {l: {} for l in keep}
+    done = 0
     with torch.inference_mode():
-        for index in range(count):
-            boundary, kept = module.clip.encode_prefix(batch.images[index : index + 1], layout.boundary, keep=keep)
-            tokens.append(boundary)
-            for l in keep:
-                levels[l].append(kept[l][:, 1:])
+        for chunk in chunks:
+            boundary, kept = module.clip.encode_prefix(batch.images[chunk], layout.boundary, keep=keep)
+            for row, index in enumerate(chunk):
+                tokens[index] = boundary[row]
+                for l in keep:
+                    levels[l][index] = kept[l][row, 1:]
+            done += len(chunk)
             if progress is not None:
-                progress(start + (end - start) * (index + 1) / count, f"encoding view {index + 1}/{count}")
+                progress(start + (end - start) * done / (len(singles) + len(others)), f"encoding view {done}/{len(singles) + len(others)}")
     return EncodedPool(
         images=batch.images,
         labels=batch.labels,
         targets=batch.targets,
         views=batch.views,
         shots=batch.shots,
-        boundary_tokens=torch.cat(tokens).clone(),
-        levels={l: torch.cat(v).clone() for l, v in levels.items()},
+        boundary_tokens=torch.stack([tokens[source[i]] for i in range(count)]).clone(),
+        levels={l: torch.stack([v[source[i]] for i in range(count)]).clone() for l, v in levels.items()},
     )
 
 
@@ -289,7 +165,8 @@ def fit_anople(
 
     Randomness: one ``numpy.random.Generator`` and one ``torch.Generator`` seeded from
     ``seed``; nothing global is used. Progress: 0-0.10 views, 0.10-0.30 encoding,
-    0.30-0.95 steps ("step i/N loss L"), 0.95-0.99 memory bank.
+    0.30-0.95 steps ("learning prompts, step i/N, loss L" with L the running mean of the
+    last ``RUNNING_LOSS_WINDOW`` total losses), 0.95-0.99 memory bank.
     """
     config, layout = module.config, module.layout
     rng = np.random.default_rng(seed)
@@ -306,7 +183,7 @@ def fit_anople(
     pool: EncodedPool | None = None
     with watch("encode"):
         if config.cached_pool:
-            items = pool_items(k)
+            items = pool_items(k, pool_size(k, config))
             views = []
             for index, item in enumerate(items):
                 views.append(maker.batch([item]))
@@ -360,7 +237,7 @@ def fit_anople(
                 fresh = maker.batch(items)
                 labels, targets, views = fresh.labels.to(device), fresh.targets.to(device), fresh.views.to(device)
                 images, tokens, levels = fresh.images.to(device), None, {}
-            # Latent anomalies on a third of the clean samples (anople.md §3.1).
+            # Latent anomalies on a third of the clean samples (docs/anople.md §3.1).
             grid = image_size // patch_size
             latent = np.zeros((labels.shape[0], grid * grid), dtype=bool)
             for b in range(labels.shape[0]):
@@ -392,7 +269,8 @@ def fit_anople(
             optimizer.step()
             entry = (step + 1, terms.total.item(), terms.glob.item(), terms.local.item(), terms.align.item())
             log.append(entry)
-            report(0.30 + 0.65 * (step + 1) / steps, f"step {step + 1}/{steps} loss {entry[1]:.3f}")
+            running = float(np.mean([e[1] for e in log[-RUNNING_LOSS_WINDOW:]]))
+            report(0.30 + 0.65 * (step + 1) / steps, f"learning prompts, step {step + 1}/{steps}, loss {running:.3f}")
     module.decoder.eval()
 
     with watch("memory"):
@@ -401,10 +279,27 @@ def fit_anople(
     return FitReport(log=log, timings=dict(watch.timings), steps=steps, pool=pool if keep_pool else None)
 
 
+def clean_view_indices(pool: EncodedPool) -> list[int]:
+    """Pool indices of the distinct clean views: every clean local view, and one clean
+    global view per shot (the pool repeats a shot's global view when k < 4)."""
+    seen: set[int] = set()
+    indices = []
+    for index in range(pool.labels.shape[0]):
+        if int(pool.labels[index]) != 0:
+            continue
+        if int(pool.views[index]) == GLOBAL_VIEW:
+            if pool.shots[index] in seen:
+                continue
+            seen.add(pool.shots[index])
+        indices.append(index)
+    return indices
+
+
 def build_fitted_state(module: AnoPLe, normals: list[NormalImage], pool: EncodedPool | None) -> None:
     """Cache t_n / t_a, then encode each normal's global view with the learned prompts
-    (from the pool's cache when there is one): memory banks, and each normal's own
-    p_text and M_dec for leave-one-out."""
+    (from the pool's cache when there is one): memory banks, each normal's own p_text and
+    M_dec for leave-one-out, and the parts' spreads over the clean fit views (``health``:
+    the pool's distinct clean views in the fast preset, the normals' global views otherwise)."""
     device = next(module.decoder.parameters()).device
     with torch.inference_mode():
         text_features = module.encode_text()
@@ -417,12 +312,20 @@ def build_fitted_state(module: AnoPLe, normals: list[NormalImage], pool: Encoded
                 banks[l].append(features.memory[l][0])
             scores.append(module.global_logits(features, text_features).softmax(dim=-1)[0, 1])
             maps.append(module.decode(features, GLOBAL_VIEW, text_features)[0])
-        module.set_fitted_state(
-            text_features,
-            {l: torch.cat(v) for l, v in banks.items()},
-            torch.stack(scores),
-            torch.stack(maps),
-        )
+        normal_scores, normal_maps = torch.stack(scores), torch.stack(maps)
+        clean_scores, clean_maps = normal_scores, normal_maps
+        if pool is not None:
+            local = [i for i in clean_view_indices(pool) if int(pool.views[i]) != GLOBAL_VIEW]
+            if local:
+                index = torch.tensor(local, dtype=torch.long, device=pool.boundary_tokens.device)
+                features = module.encode_views(
+                    cached_tokens=pool.boundary_tokens[index], cached_levels={l: v[index] for l, v in pool.levels.items()}
+                )
+                clean_scores = torch.cat([normal_scores, module.global_logits(features, text_features).softmax(dim=-1)[:, 1]])
+                clean_maps = torch.cat([normal_maps, module.decode(features, GLOBAL_VIEW, text_features)])
+        module.set_fitted_state(text_features, {l: torch.cat(v) for l, v in banks.items()}, normal_scores, normal_maps)
+        health = assess_parts(clean_maps, clean_scores, module.leave_one_out_memory_maps())
+        module.set_health(health)
 
 
 def encode_normal(module: AnoPLe, normal: NormalImage, shot: int, pool: EncodedPool | None, device: torch.device):

@@ -1,4 +1,4 @@
-"""AnoPLe's three loss terms (anople.md §3.2; [paper] Fig. 2 names them, the formulas are
+"""AnoPLe's three loss terms (docs/anople.md §3.2; [paper] Fig. 2 names them, the formulas are
 reconstructions).
 
 * global: cross-entropy of ``tau [<g, t_n>, <g, t_a>]`` against the image label (MaPLe's loss);

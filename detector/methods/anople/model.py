@@ -1,13 +1,18 @@
 """The AnoPLe model: prompt learner + multi-view decoder + memory bank over a frozen CLIP.
 
-Scoring (anople.md §4, reconstruction; [paper] Fig. 2 / TL;DR say the image score comes
+Scoring (docs/anople.md §4, reconstruction; [paper] Fig. 2 / TL;DR say the image score comes
 from the prediction logits plus a visual memory bank, which also localises):
 
 * p_text = softmax(tau [<g, t_n>, <g, t_a>])[1]
 * M_dec  = a_i of the decoder (§2.4)
 * M_mem  = mean over memory levels of min_j (1 - <f_i, b_j>) / 2 (PromptAD's distance)
-* raw map M = 1 / (1 / (M_dec + eps) + 1 / (M_mem + eps))  (PromptAD's harmonic fusion)
-* score s = 1 / (1 / (p_text + eps) + 1 / (max M_mem + eps)), in [0, 0.5]
+* raw map M = (M_dec + M_mem) / 2
+* score s = (p_text + max M_mem) / 2, in [0, 1]
+
+The arithmetic means replace the earlier PromptAD-style harmonic means (docs/anople.md §4.2):
+a harmonic mean follows whichever part is smaller, so a decoder map or a text
+probability that collapses towards 0 erased the memory bank's evidence. The mean keeps each
+part's evidence when another part is constant; ``health.py`` names such degenerate parts.
 """
 
 from __future__ import annotations
@@ -22,20 +27,19 @@ from torch import nn
 from .config import AnoPLeConfig, BlockLayout, block_layout
 from .decoder import MultiViewDecoder
 from .encoders import PromptedCLIP
+from .health import PartHealth
 from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
 
-#: Added to each denominator of the harmonic fusion (anople.md §4).
-FUSION_EPS = 1e-8
 #: Words of MaPLe's CTX_INIT used to initialise T_1.
 CONTEXT_INIT = "a photo of a"
-#: State words of the two prompts (anople.md §2.2).
+#: State words of the two prompts (docs/anople.md §2.2).
 STATE_WORDS = ("normal", "anomalous")
 
 
-def harmonic(a: torch.Tensor, b: torch.Tensor, eps: float = FUSION_EPS) -> torch.Tensor:
-    """Elementwise ``1 / (1 / (a + eps) + 1 / (b + eps))``."""
-    return 1.0 / (1.0 / (a + eps) + 1.0 / (b + eps))
+def mean_fusion(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``(a + b) / 2`` (any equal shapes); in [0, 1] for parts in [0, 1]."""
+    return 0.5 * (a + b)
 
 
 def prompt_texts(class_name: str, n_text: int) -> list[str]:
@@ -65,7 +69,8 @@ class AnoPLe(nn.Module):
 
     Parameters: ``learner`` (T_j, V_j, coupling maps) and ``decoder`` (adapters, view
     tokens, layer, head). Buffers after fit: ``text_features (2, E)``, memory banks
-    ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``.
+    ``memory_<l> (k*N, D_v)``, ``normal_text_scores (k,)``, ``normal_decoder_maps (k, N)``,
+    ``part_spreads (3,)`` (``health.PartHealth``; NaN = not checked).
     The CLIP backbone is held by ``clip`` (a ``PromptedCLIP``), outside the state dict.
 
     Args:
@@ -124,11 +129,17 @@ class AnoPLe(nn.Module):
             self.register_buffer(f"memory_{level}", torch.zeros(0, visual_width))
         self.register_buffer("normal_text_scores", torch.zeros(0))
         self.register_buffer("normal_decoder_maps", torch.zeros(0, clip.num_patches))
+        self.register_buffer("part_spreads", PartHealth().to_tensor())
 
     # ------------------------------------------------------------------ parts
     @property
     def tau(self) -> float:
         return self.clip.logit_scale
+
+    @property
+    def health(self) -> PartHealth:
+        """Which parts were degenerate over the clean fit views (stored in ``part_spreads``)."""
+        return PartHealth.from_tensor(self.part_spreads)
 
     def memory_bank(self, level: int) -> torch.Tensor:
         return getattr(self, f"memory_{level}")
@@ -243,12 +254,18 @@ class AnoPLe(nn.Module):
         normal_decoder_maps: torch.Tensor,
     ) -> None:
         """Store what predict needs: t_n/t_a, the banks ``{l: (k*N, D_v)}`` and the
-        normals' own p_text ``(k,)`` and M_dec ``(k, N)`` (for leave-one-out)."""
+        normals' own p_text ``(k,)`` and M_dec ``(k, N)`` (for leave-one-out). Resets the
+        parts' spreads to "not checked" until ``set_health``."""
         self.text_features = text_features.detach().clone()
         for level, bank in memory.items():
             setattr(self, f"memory_{level}", bank.detach().clone())
         self.normal_text_scores = normal_text_scores.detach().clone()
         self.normal_decoder_maps = normal_decoder_maps.detach().clone()
+        self.set_health(PartHealth())
+
+    def set_health(self, health: PartHealth) -> None:
+        """Store the parts' spreads over the clean fit views (``part_spreads``)."""
+        self.part_spreads = health.to_tensor().to(self.part_spreads.device)
 
     def resize_buffers_for(self, state: dict[str, torch.Tensor]) -> None:
         """Give the k-dependent buffers the shapes of a saved state before loading it."""
@@ -258,6 +275,20 @@ class AnoPLe(nn.Module):
                 if state[name].ndim == current.ndim and state[name].shape[1:] == current.shape[1:]:
                     setattr(self, name, torch.zeros_like(state[name], dtype=current.dtype, device=current.device))
 
+    def leave_one_out_memory_maps(self) -> torch.Tensor | None:
+        """``(k, N)`` M_mem of each normal's global view against the bank without its own
+        patches; ``None`` for k < 2."""
+        num_patches = self.clip.num_patches
+        k = self.memory_bank(self.layout.memory_levels[0]).shape[0] // num_patches
+        if k < 2:
+            return None
+        maps = []
+        for index in range(k):
+            rows = slice(index * num_patches, (index + 1) * num_patches)
+            memory = {l: self.memory_bank(l)[rows].unsqueeze(0) for l in self.layout.memory_levels}
+            maps.append(self.memory_scores(memory, exclude=[index])[0][0])
+        return torch.stack(maps)
+
     def learned_parameters(self) -> list[nn.Parameter]:
         return list(self.learner.parameters()) + list(self.decoder.parameters())
 
@@ -265,10 +296,17 @@ class AnoPLe(nn.Module):
 def fused_outputs(
     p_text: torch.Tensor, decoder_map: torch.Tensor, memory_map: torch.Tensor, scoring: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(score (B,), raw map (B, N))`` for ``scoring`` "full" | "prompt" | "memory" (§4)."""
+    """``(score (B,), raw map (B, N))`` for ``scoring`` "full" | "prompt" | "memory".
+
+    Args:
+        p_text: ``(B,)`` prompt probabilities; decoder_map, memory_map: ``(B, N)`` in [0, 1].
+
+    "full": ``((p_text + max M_mem) / 2, (M_dec + M_mem) / 2)``; "prompt": ``(p_text, M_dec)``;
+    "memory": ``(max M_mem, M_mem)``. Every score and map lies in [0, 1].
+    """
     memory_max = memory_map.amax(dim=-1)
     if scoring == "full":
-        return harmonic(p_text, memory_max), harmonic(decoder_map, memory_map)
+        return mean_fusion(p_text, memory_max), mean_fusion(decoder_map, memory_map)
     if scoring == "prompt":
         return p_text, decoder_map
     if scoring == "memory":

@@ -2,7 +2,7 @@
 
 [paper] (abstract, Fig. 2): learnable multi-modal deep prompts whose text and visual
 parts are coupled in both directions. MaPLe (the [MaPLe] base) projects text prompts to
-visual prompts only; the form used here (anople.md §2.2, a reconstruction) adds the
+visual prompts only; the form used here (docs/anople.md §2.2, a reconstruction) adds the
 symmetric vision-to-text path and lets the two context lengths differ (Fig. 5)::
 
     P^t_j = T_j + A^{vt}_j V_j W^{vt}_j + b^{vt}_j      (j coupled)

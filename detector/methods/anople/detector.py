@@ -1,7 +1,7 @@
 """The ``Detector`` adapter of AnoPLe, registered as ``"anople"``.
 
 AnoPLe (Lee, Jang and Yoon, arXiv 2408.13516) has no released code; this is a
-reconstruction from its abstract and figure captions (``shared/specs/anople.md``). Every
+reconstruction from its abstract and figure captions (``docs/anople.md``). Every
 fitted detector says so in ``describe()``.
 """
 
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
-from ...calibration import Calibration, fixed_calibration
 from ...checkpoints import check_keys, read_header, read_state_dict, save_safetensors
 from ...errors import CheckpointError
 from ...preprocess import preprocess
@@ -32,7 +31,7 @@ from .model import CONTEXT_INIT, AnoPLe, fused_outputs, prompt_texts
 
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_WEIGHTS = "openai"
-#: Gaussian smoothing of the anomaly map, pixels on the model-input grid (anople.md §4).
+#: Gaussian smoothing of the anomaly map, pixels on the model-input grid (docs/anople.md §4).
 DEFAULT_SIGMA = 4.0
 #: Registered name (the ``method`` field of learned-state headers).
 METHOD_NAME = "anople"
@@ -70,7 +69,8 @@ class AnoPLeDetector(Detector):
     Options (docs: README "AnoPLe"): ``preset`` ("fast" | "faithful" | "text_only"),
     ``steps`` (None = the preset's), ``scoring`` ("full" | "prompt" | "memory"),
     ``multiview_tta`` (bool), ``coupling`` (None = the preset's, "bidirectional" | "none").
-    ``score`` lies in [0, 0.5] with ``scoring="full"`` (harmonic fusion), in [0, 1] otherwise.
+    ``score`` and the maps lie in [0, 1] for every scoring ("full": arithmetic means of the
+    parts, docs/anople.md §4.2).
     """
 
     spec = MethodSpec(
@@ -213,14 +213,11 @@ class AnoPLeDetector(Detector):
             outputs.append(MethodOutput(float(score[i]), grid_array(raw[i], np.float32), extras, evidence))
         return outputs
 
-    # ------------------------------------------------------------------ calibration / inspection
-    def default_calibration(self) -> Calibration:
-        """Scores and maps in [0, 0.5] (harmonic fusion), threshold 0.25; with
-        ``scoring`` "prompt" or "memory" they lie in [0, 1], threshold 0.5."""
-        if self.scoring == "full":
-            return fixed_calibration(0.0, 0.5, 0.25)
-        return fixed_calibration(0.0, 1.0, 0.5)
+    def _result_warnings(self) -> tuple[str, ...]:
+        """Parts that carry no signal on this fit (``health.py``), on every result."""
+        return self.module.health.warnings() if self.module is not None else ()
 
+    # ------------------------------------------------------------------ calibration / inspection
     def _leave_one_out(self) -> list[MethodOutput] | None:
         """Each fitted normal scored against a memory bank without its own patches
         (prompts not refitted)."""
@@ -349,6 +346,8 @@ class AnoPLeDetector(Detector):
             "scoring": self.scoring,
             "multiview_tta": self.multiview_tta,
             "fit_seconds": dict(self.fit_timings),
+            # parts constant over the clean fit views (health.py); named in each result's warnings
+            "degenerate_parts": list(self.module.health.degenerate) if self.module is not None else [],
         }
         if not layout.visual_blocks:
             info["coupling_note"] = "text_only preset: no visual prompts, so the bidirectional coupling (the method's main idea) is off"
