@@ -144,6 +144,37 @@ class ConvertRequest:
     reference_name: str | None = None
 
 
+def converted_header(
+    method: str,
+    request: ConvertRequest,
+    source: Path,
+    *,
+    default_backbone: str,
+    trained_on: str | None,
+    trained_on_set: str,
+    layout: str,
+    epoch_pattern: str,
+    **facts: object,
+) -> dict[str, object]:
+    """The JSON header of a converted file: method, backbone, training set, the published
+    file's name and sha256, the layout, the method's own ``facts`` (e.g. shots), and the
+    epoch when the published name carries one (``epoch_pattern`` with one number group)."""
+    header: dict[str, object] = {
+        "method": method,
+        "backbone": request.backbone or default_backbone,
+        **facts,
+        "trained_on": trained_on,
+        "trained_on_set": trained_on_set,
+        "source_file": request.source_name or source.name,
+        "source_sha256": request.source_sha256,
+        "format": layout,
+    }
+    epoch = re.search(epoch_pattern, source.name)
+    if epoch:
+        header["epoch"] = int(epoch.group(1))
+    return header
+
+
 @dataclass(frozen=True)
 class Converted:
     """What ``convert`` wrote.

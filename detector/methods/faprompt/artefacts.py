@@ -10,11 +10,10 @@ file and sha256, epoch).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
 
-from ...artefacts import Converted, ConvertRequest, KnownArtefact, MethodArtefacts, WeightsSource, set_slug
+
+from ...artefacts import Converted, ConvertRequest, KnownArtefact, MethodArtefacts, WeightsSource, converted_header, set_slug
 from ...checkpoints import check_keys, read_state_dict, save_safetensors
 from ...errors import CheckpointError
 from .config import METHOD_NAME
@@ -52,17 +51,9 @@ def convert(source: Path, out_dir: Path, request: ConvertRequest, *, default_bac
     check_keys(state, expected_shapes(learner), what="FAPrompt's prompt learner")
     trained_on = request.trained_on or "unknown"
     key = set_slug(trained_on)
-    header: dict[str, Any] = {
-        "method": METHOD_NAME,
-        "backbone": request.backbone or default_backbone,
-        "trained_on": trained_on,
-        "trained_on_set": key,
-        "source_file": request.source_name or source.name,
-        "source_sha256": request.source_sha256,
-        "format": "prompt learner, converted from the published file",
-    }
-    epoch = re.search(r"epoch_([0-9]+)", source.name)
-    if epoch:
-        header["epoch"] = int(epoch.group(1))
+    header = converted_header(
+        METHOD_NAME, request, source, default_backbone=default_backbone, trained_on=trained_on, trained_on_set=key,
+        layout="prompt learner, converted from the published file", epoch_pattern=r"epoch_([0-9]+)",
+    )
     out = save_safetensors(Path(out_dir) / key / f"{METHOD_NAME}_{key}.safetensors", state, header)
     return Converted(out, None, None, header)

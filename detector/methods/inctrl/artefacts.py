@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...artefacts import (
+    converted_header,
     AmbiguousListing,
     Converted,
     ConvertRequest,
@@ -160,19 +161,10 @@ def convert(source: Path, out_dir: Path, request: ConvertRequest, *, default_bac
     embed_dim = int(heads["adapter.fc.0.weight"].shape[1])
     num_patches = int(heads["diff_head.projection1.weight"].shape[1])
     check_keys(heads, head_state_shapes(InCTRLHeads(embed_dim, num_patches)), what="InCTRL's heads")
-    header: dict[str, Any] = {
-        "method": METHOD_NAME,
-        "backbone": request.backbone or default_backbone,
-        "shots": int(request.shots),
-        "trained_on": people,
-        "trained_on_set": key,
-        "source_file": request.source_name or source.name,
-        "source_sha256": request.source_sha256,
-        "format": "heads only, converted from the published file",
-    }
-    epoch = re.search(r"checkpoint_([0-9]+)", source.name)
-    if epoch:
-        header["epoch"] = int(epoch.group(1))
+    header: dict[str, Any] = converted_header(
+        METHOD_NAME, request, source, default_backbone=default_backbone, trained_on=people, trained_on_set=key,
+        layout="heads only, converted from the published file", epoch_pattern=r"checkpoint_([0-9]+)", shots=int(request.shots),
+    )
     folder = Path(out_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
     clip_file, matches = None, None
