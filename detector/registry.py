@@ -52,9 +52,12 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Detector]:
-    """The ``Detector`` class registered as ``name`` (case-insensitive)."""
+    """The ``Detector`` class registered as ``name``, or whose display name is ``name``
+    (both case-insensitive; the app's method list shows display names)."""
     _load_builtin_methods()
     key = str(name).strip().lower()
+    if key not in _METHODS:
+        key = next((k for k, cls in _METHODS.items() if cls.display_name.lower() == key), key)
     if key not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_METHODS) or 'none'}")
     return _METHODS[key]

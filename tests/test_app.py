@@ -328,7 +328,7 @@ def test_python_app_starts_offline_with_banner(tmp_path):
         process.wait(timeout=30)
 
 
-def test_detect_keeps_its_published_inputs_and_appends_new_method_controls(monkeypatch):
+def test_detect_keeps_its_published_inputs_and_appends_new_method_controls(monkeypatch, tmp_path):
     """``/detect``'s inputs stay in their published order; the controls of a method
     registered later are appended after them, never inserted."""
     published = ["normals", "query", "methods", "object_name", "threshold", "alpha", "colormap",
@@ -362,6 +362,14 @@ def test_detect_keeps_its_published_inputs_and_appends_new_method_controls(monke
     assert registry.list_methods() == [*detector_list, "late"]
     demo = app.build_demo(config)
     assert parameters(demo) == [*published, "late_power"]
+    # The late method is in the app's method list and answers in /detect's summary through
+    # the published positional call (the five main inputs).
+    assert "late" in demo.inspection_app.methods
+    normal_path, query_path = tmp_path / "late_normal.png", tmp_path / "late_query.png"
+    Image.fromarray(np.full((40, 56, 3), 120, np.uint8)).save(normal_path)
+    Image.fromarray(np.full((40, 56, 3), 128, np.uint8)).save(query_path)
+    outputs = demo.inspection_app.detect([(str(normal_path), None)], str(query_path), ["Late method", "InCTRL"], "object", 0.5)
+    assert set(outputs[0]["methods"]) == {"late", "inctrl"}
     from ui.config import config_parser
 
     assert "--late-power" in config_parser().format_help() and "LATE_POWER" in config_parser().format_help()
