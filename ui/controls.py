@@ -98,6 +98,8 @@ def with_signature(function: Callable[..., Any], parameters: Sequence[inspect.Pa
             return function(**arguments(args, kwargs))
 
     call.__signature__ = signature  # type: ignore[attr-defined]
+    # Gradio finds injected arguments (``gr.Request``) from the annotations.
+    call.__annotations__ = {p.name: p.annotation for p in parameters if p.annotation is not inspect.Parameter.empty}
     return call
 
 

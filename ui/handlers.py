@@ -240,9 +240,20 @@ class InspectionApp:
         return (*self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}")
 
     def progress_texts(self, request: gr.Request = None) -> list[str]:
-        """``#progress-<method>`` of the session: what each method of its request is doing."""
-        board = self.progress_board.get(_session(request), {})
-        return [board.get(method, "") for method in self.methods]
+        """``#progress-<method>`` of the session: what each method of its request is doing;
+        a method whose fit the session's background work is still computing shows that
+        work's progress."""
+        session = _session(request)
+        board = self.progress_board.get(session, {})
+        job = self.service.prefetcher.job(session)
+        background = dict(job.messages) if job is not None else {}
+        texts = []
+        for method in self.methods:
+            text = board.get(method, "")
+            if text.endswith(": waiting") and background.get(method):
+                text = background[method]
+            texts.append(text)
+        return texts
 
     # -- work before Run -----------------------------------------------------------------------
     def prefetch_form(self, **form: Any) -> str:
