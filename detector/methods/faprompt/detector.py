@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, ProgressCallback
 from ...checkpoints import CheckpointInfo
 from ...registry import register_method
+from ...runtime import ImagePath
 from ...results import Box, DetectionResult, Explanation, PromptSimilarity
 from ...spec import MethodSpec, Option
 from ...weights import resolve_path
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_OPTIONS, PRIOR_OPTIONS, PROMPTS_OPTIONS
 from .encoders import method_image_size, quick_gelu_for
 from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state
-from .model import FAPromptModel, TextState
+from .model import FAPromptImagePath, FAPromptModel, TextState
 from .prompts import WORD_ABNORMALITY_PHRASES
 
 
@@ -158,9 +159,15 @@ class FAPromptDetector(Detector):
                 self._text_state = self.model.text_state()
         return self._text_state
 
+    def _image_path(self) -> ImagePath:
+        """The dual-path (V-V) vision forward: normalised global feature and patch features."""
+        name = f"faprompt.vv-from-{self.model.vision.vv_start}"
+        return self.declare_image_path(name, FAPromptImagePath(self.model), ("global", "patches"))
+
     def _encode(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ``(global (B, E), patches (B, 1 + N, E))``."""
-        return self.model.encode_images(batch.pixels)
+        global_features, patches = self.run_image_path(batch.pixels)
+        return global_features, patches
 
     def _score(self, encoded: tuple[torch.Tensor, torch.Tensor], batch: PreparedBatch) -> list[MethodOutput]:
         state = self.text_state()
