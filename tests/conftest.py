@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, quiet Gradio, small helpers."""
+"""Shared test set-up: offline hub, quiet Gradio, PyTorch runtime, small helpers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 # Before anything imports huggingface_hub or gradio: no network, no analytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Every test runs the PyTorch runtime unless it asks for another one (tests/test_runtime.py).
+os.environ["DETECTOR_RUNTIME"] = "torch"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
