@@ -260,3 +260,36 @@ def test_threads_follow_torch(cache_dir):
     finally:
         torch.set_num_threads(previous)
         rt.clear_runtime_cache()
+
+
+# -- the official architectures at random init (slow) ------------------------------------------
+
+SLOW_BACKBONES = {"inctrl": None, "faprompt": None}  # None = the method's official backbone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in CONVERTED if m in SLOW_BACKBONES])
+def test_openvino_equals_torch_on_the_official_architecture(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTOR_CACHE_DIR", str(tmp_path))
+    rt.clear_runtime_cache()
+    normals = [synthetic.texture("grating", 2, (240, 240), i) for i in range(4)]
+    queries = [
+        synthetic.add_defect(synthetic.texture("grating", 2, (256, 256), 9), 3)[0],
+        synthetic.add_defect(synthetic.texture("grating", 2, (256, 320), 7), 4)[0],
+    ]
+    with tempfile.TemporaryDirectory() as directory:
+        from benchmarks.run import _method_options  # the benchmarked configuration (FAPrompt: learned prompts)
+
+        options = _method_options(method, False, Path(directory))
+        torch_det = create_detector(method, backbone=SLOW_BACKBONES[method], backbone_weights="random", runtime="torch", **options)
+        ov_det = create_detector(method, backbone=SLOW_BACKBONES[method], backbone_weights="random", runtime="openvino", **options)
+    assert ov_det.runtime == "openvino", ov_det.describe().get("runtime_warning")
+    worst = (0.0, 0.0)
+    for k in (1, 4):
+        torch_det.fit(normals[:k])
+        ov_det.fit(normals[:k])
+        score, raw = differences([torch_det.predict(q) for q in queries], [ov_det.predict(q) for q in queries])
+        print(f"{method} on {torch_det.backbone.spec.model_name}, k={k}: score {score:.2e}, raw_map {raw:.2e}")
+        worst = (max(worst[0], score), max(worst[1], raw))
+    assert worst[0] <= TOLERANCE and worst[1] <= TOLERANCE
+    rt.clear_runtime_cache()
