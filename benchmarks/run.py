@@ -1,13 +1,18 @@
-"""Benchmarks: ``python -m benchmarks.run [--methods ...] [--quick] [--queries N] [--out FILE]``.
+"""Benchmarks: ``python -m benchmarks.run [--methods ...] [--quick] [--queries N] [--no-openvino] [--out FILE]``.
 
 For each method at its official default architecture built at random init (no download):
 construction time, ``fit`` time for k = 1, 2, 4, 8 normal images, ``predict`` latency
 (median and p90 over ``--queries`` queries after one warm-up), the plain image-encoder
 forward (open_clip ``encode_image``) on the same inputs in the same run, their ratio, the
 official per-query computation pattern (``benchmarks/reference.py``) and the speed-up over
-it, peak resident memory and the thread count. Every method runs in its own process so its
-peak memory is its own; a last row loads all default models at once. ``--quick`` uses the
-tiny random backbone (seconds; used by the tests). Prints a Markdown table and writes JSON.
+it, peak resident memory and the thread count, all with ``runtime="torch"``. Then the same
+method with ``runtime="openvino"`` in a process of its own (``bench_openvino``): conversion
+time into an empty cache, the load time of the saved model, predict median, its ratio to
+the PyTorch encoder forward of the torch row, peak RSS and the largest score / raw-map
+difference from the torch row on the same queries; a second table puts the two runtimes
+side by side. Every measurement runs in its own process so its peak memory is its own; a
+last row loads all default models at once. ``--quick`` uses the tiny random backbone
+(seconds; used by the tests). Prints Markdown tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def _create(method: str, quick: bool, **options: Any):
     from detector import create_detector
 
     backbone = "tiny-test" if quick else None
+    options.setdefault("runtime", "torch")
     return create_detector(method, backbone=backbone, backbone_weights="random", **options)
 
 
@@ -166,6 +172,9 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
         "encoder_all_s": encoder_times,
         "threads": torch.get_num_threads(),
         "mode": det.describe().get("mode"),
+        "runtime": det.describe()["runtime"],
+        "scores": [det.predict(q).score for q in query_images[1:]],
+        "raw_maps": [det.predict(q).raw_map.tolist() for q in query_images[1:]],
     }
     row["predict_to_encoder"] = row["predict_median_s"] / row["encoder_median_s"]
 
@@ -194,6 +203,92 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
     if method in REDUCED_PRECISION_METHODS:
         row["bf16"] = _reduced_precision(method, quick, det, query_images[1 : 1 + BF16_QUERIES])
     return row
+
+
+def bench_openvino(method: str, quick: bool, queries: int, threads: int) -> dict[str, Any]:
+    """``runtime="openvino"`` in the current process: conversion into an empty cache
+    directory, a reload from it, fit k = 4, predict on the torch row's queries."""
+    import torch
+
+    from detector import runtime
+    from detector.backbone import clear_backbone_cache
+
+    torch.set_num_threads(threads)
+    clear_backbone_cache()
+    previous = os.environ.get("DETECTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as directory:
+        os.environ["DETECTOR_CACHE_DIR"] = str(Path(directory) / "cache")
+        runtime.clear_runtime_cache()
+        try:
+            det = _create(method, quick, runtime="openvino", **_method_options(method, quick, Path(directory)))
+            first = det.prepare_runtime()
+            runtime.clear_runtime_cache()  # forget the compiled model: the next detector reads the saved one
+            det = _create(method, quick, runtime="openvino", **_method_options(method, quick, Path(directory)))
+            again = det.prepare_runtime()
+        finally:
+            if previous is None:
+                os.environ.pop("DETECTOR_CACHE_DIR", None)
+            else:
+                os.environ["DETECTOR_CACHE_DIR"] = previous
+    normals = _images(8, seed=1, defect=False)
+    det.fit(normals[:4])
+    query_images = _images(queries + 1, seed=1, defect=True)
+    det.predict(query_images[0])  # warm-up
+    predict_times = [_timed(lambda q=q: det.predict(q)) for q in query_images[1:]]
+    results = [det.predict(q) for q in query_images[1:]]
+    return {
+        "method": method,
+        "runtime": det.describe()["runtime"],
+        "runtime_warning": det.describe().get("runtime_warning"),
+        "conversion_s": first.seconds if first.source == "converted" else None,
+        "cache_load_s": again.seconds if again.source == "cache" else None,
+        "predict_median_s": statistics.median(predict_times),
+        "predict_p90_s": _percentile(predict_times, 0.9),
+        "predict_all_s": predict_times,
+        "scores": [r.score for r in results],
+        "raw_maps": [r.raw_map.tolist() for r in results],
+        "peak_rss_mib": _peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def compare_runtimes(torch_row: dict[str, Any], openvino_row: dict[str, Any]) -> None:
+    """Add the ratio to the torch row's encoder forward and the largest differences from
+    the torch row to ``openvino_row``; drop the per-query outputs of both rows."""
+    import numpy as np
+
+    openvino_row["predict_to_torch_encoder"] = openvino_row["predict_median_s"] / torch_row["encoder_median_s"]
+    openvino_row["speedup_vs_torch_predict"] = torch_row["predict_median_s"] / openvino_row["predict_median_s"]
+    openvino_row["max_score_diff"] = max(abs(a - b) for a, b in zip(torch_row["scores"], openvino_row["scores"]))
+    openvino_row["max_raw_map_diff"] = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(torch_row["raw_maps"], openvino_row["raw_maps"])
+    )
+    for row in (torch_row, openvino_row):
+        row.pop("raw_maps", None)
+
+
+def runtimes_table(rows: Sequence[dict[str, Any]], openvino_rows: Sequence[dict[str, Any]]) -> str:
+    """PyTorch and OpenVINO side by side, per method."""
+    lines = [
+        "| method | OpenVINO in use | predict torch (s) | predict OpenVINO (s) | torch encoder (s) | torch predict / encoder "
+        "| OpenVINO predict / torch encoder | conversion (s) | cached load (s) | peak RSS torch / OpenVINO (MiB) "
+        "| max score diff | max raw_map diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_method = {row["method"]: row for row in openvino_rows}
+    for row in rows:
+        ov = by_method.get(row["method"])
+        if ov is None:
+            continue
+        in_use = "yes" if ov["runtime"] == "openvino" else "no (PyTorch)"
+        lines.append(
+            f"| {row['method']} | {in_use} | {_format(row['predict_median_s'])} | {_format(ov['predict_median_s'])} "
+            f"| {_format(row['encoder_median_s'])} | {_format(row['predict_to_encoder'])} | {_format(ov.get('predict_to_torch_encoder'))} "
+            f"| {_format(ov.get('conversion_s'))} | {_format(ov.get('cache_load_s'))} "
+            f"| {_format(row['peak_rss_mib'])} / {_format(ov['peak_rss_mib'])} "
+            f"| {ov.get('max_score_diff', 0):.2g} | {ov.get('max_raw_map_diff', 0):.2g} |"
+        )
+    return "\n".join(lines)
 
 
 def _reduced_precision(method: str, quick: bool, fp32_detector: Any, queries: list) -> dict[str, Any]:
@@ -350,9 +445,16 @@ def anople_table(presets: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(methods: Sequence[str], quick: bool, queries: int, threads: int, isolate: bool = True) -> dict[str, Any]:
+def run(
+    methods: Sequence[str], quick: bool, queries: int, threads: int, isolate: bool = True, openvino: bool = True
+) -> dict[str, Any]:
     call = _in_subprocess if isolate else (lambda fn, *a: fn(*a))
     rows = [call(bench_method, m, quick, queries, threads) for m in methods]
+    openvino_rows = [call(bench_openvino, m, quick, queries, threads) for m in methods] if openvino else []
+    for row, ov in zip(rows, openvino_rows):
+        compare_runtimes(row, ov)
+    for row in rows:
+        row.pop("raw_maps", None)
     together = call(bench_all_loaded, list(methods), quick, threads)
     return {
         "machine": {
@@ -364,12 +466,15 @@ def run(methods: Sequence[str], quick: bool, queries: int, threads: int, isolate
         "quick": quick,
         "queries": queries,
         "rows": rows,
+        "openvino": openvino_rows,
         "all_loaded": together,
     }
 
 
 def report(result: dict[str, Any]) -> str:
     parts = [markdown_table(result["rows"])]
+    if result.get("openvino"):
+        parts.append(runtimes_table(result["rows"], result["openvino"]))
     for row in result["rows"]:
         if "anople_fit_ratios" in row:
             parts.append(anople_ratio_table(row["anople_fit_ratios"]))
@@ -399,9 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON output (default benchmarks/results.json)")
     parser.add_argument("--no-isolate", action="store_true", help="run every method in this process")
+    parser.add_argument("--no-openvino", action="store_true", help="measure the PyTorch runtime only")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args.methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate)
+    result = run(args.methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate, openvino=not args.no_openvino)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     sys.stdout.write(report(result))

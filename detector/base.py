@@ -10,12 +10,14 @@ The base class owns what is common (README "Adding a method"):
   upsample each raw map to the query's original frame (``maps.upsample_map`` with the
   method's sigma) -> ``DetectionResult``;
 * calibration (stored record, held-out normals, leave-one-out, default), explanations
-  (pixel -> patch, then ``_explain_patch``) and ``describe()``.
+  (pixel -> patch, then ``_explain_patch``) and ``describe()``;
+* the runtime of the frozen image path (``runtime`` option, ``detector.runtime``): a
+  method declares the path in ``_image_path`` and calls ``run_image_path`` in ``_encode``.
 
 A method declares ``spec = MethodSpec(...)`` and implements hooks: ``_encode`` and
 ``_score`` at least; ``_read_checkpoint``, ``_backbone_choice``, ``_build``, ``_fit``,
-``_leave_one_out``, ``_explain_patch``, ``_details``, ``is_trained`` and ``mode`` where it
-has something of its own.
+``_leave_one_out``, ``_explain_patch``, ``_details``, ``_image_path``, ``is_trained`` and
+``mode`` where it has something of its own.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ from .images import LoadedImage, load_image
 from .preprocess import Preprocess, preprocess_batch
 from .progress import ProgressCallback
 from .results import Box, DetectionResult, Description, Explanation
+from .runtime import ImagePath, RuntimeChoice, check_runtime, choose_runtime
 from .spec import MethodSpec
 from .pipeline import BackboneChoice, MethodOutput, PreparedBatch
 from .timing import Stopwatch
 from .weights import resolve_default_weights, resolve_path
 
-#: Options every method accepts, with their defaults (docs/api.md §3).
-COMMON_OPTIONS: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0}
+#: Options every method accepts, with their defaults (docs/api.md §3). ``runtime=None``
+#: means ``DETECTOR_RUNTIME`` when set, else ``"auto"`` (``detector.runtime``).
+COMMON_OPTIONS: dict[str, Any] = {"class_name": "object", "sigma": None, "seed": 0, "runtime": None}
 
 
 def set_arguments(cls: type["Detector"]) -> dict[str, Any]:
@@ -97,6 +101,7 @@ class Detector(abc.ABC):
         class_name: str = "object",
         sigma: float | None = None,
         seed: int = 0,
+        runtime: str | None = None,
         **options: Any,
     ) -> None:
         if sigma is not None and (not np.isfinite(sigma) or sigma < 0):
@@ -105,6 +110,8 @@ class Detector(abc.ABC):
         self.class_name = str(class_name)
         self.sigma = sigma
         self.seed = int(seed)
+        self.runtime_requested = check_runtime(runtime)
+        self._runtime: RuntimeChoice | None = None
         self.options = self._checked_options(options)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.stored_calibration: Calibration | None = None
@@ -244,6 +251,40 @@ class Detector(abc.ABC):
         """Warnings that hold for every result of this detector (e.g. a shot-count mismatch)."""
         return ()
 
+    def _image_path(self) -> ImagePath | None:
+        """The frozen, no-gradient image path ``_encode`` runs (``declare_image_path``), for
+        the runtime to compile; ``None`` = the method always runs PyTorch."""
+        return None
+
+    # -- runtime ------------------------------------------------------------------------------
+    def declare_image_path(self, name: str, module: torch.nn.Module, outputs: Sequence[str] = ()) -> ImagePath:
+        """An ``ImagePath`` of ``module`` (``forward(images (B, 3, S, S))`` -> tuple of
+        ``(B, ...)`` tensors) on this detector's backbone; ``name`` says which path it is."""
+        spec = self.backbone.spec
+        activation = "quickgelu" if spec.quick_gelu else "gelu"
+        return ImagePath(name, f"{spec.model_name}+{activation}", self.image_size, self.backbone, module, tuple(outputs))
+
+    def prepare_runtime(self, progress: ProgressCallback | None = None) -> RuntimeChoice:
+        """Resolve the ``runtime`` option once (converting or loading the OpenVINO model
+        if needed; warm start calls this); later calls return the same choice."""
+        if self._runtime is None:
+            self._runtime = choose_runtime(
+                self.runtime_requested, self._image_path(), device=self.device, dtype=self.backbone.dtype, progress=progress
+            )
+        return self._runtime
+
+    @property
+    def runtime(self) -> str:
+        """The runtime in use: ``"torch"`` or ``"openvino"``."""
+        return self.prepare_runtime().runtime
+
+    def run_image_path(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The declared image path on ``pixels`` ``(B, 3, S, S)`` in the runtime in use."""
+        run = self.prepare_runtime().run
+        if run is None:
+            raise RuntimeError(f"{self.display_name} declares no image path (_image_path)")
+        return tuple(run(pixels))
+
     def _details(self) -> dict[str, Any]:
         """The method-specific part of ``describe()``."""
         return {}
@@ -296,6 +337,7 @@ class Detector(abc.ABC):
             if str(member.path) != self.checkpoint_file:
                 self._use_checkpoint(self._read_checkpoint(member.path))
                 self.checkpoint_file = str(member.path)
+        self.prepare_runtime(progress)
         self._fit(batch, progress)
         self._fitted = True
         self._num_normals = len(batch)
@@ -329,7 +371,8 @@ class Detector(abc.ABC):
             with watch("score"):
                 outputs = self._score(encoded, batch)
         shared = {stage: seconds / len(images) for stage, seconds in watch.timings.items()}
-        common_warnings = self._result_warnings()
+        runtime_warning = self.prepare_runtime().warning
+        common_warnings = self._result_warnings() + ((runtime_warning,) if runtime_warning else ())
         results = []
         for image, geometry, output in zip(images, batch.geometries, outputs):
             post = Stopwatch()
@@ -421,6 +464,8 @@ class Detector(abc.ABC):
             class_name=self.class_name,
             num_normals=self.num_normals,
             details=self._details(),
+            runtime=self.runtime,
+            runtime_details=self.prepare_runtime().facts(),
         )
 
     def describe(self) -> dict[str, Any]:

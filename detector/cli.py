@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .registry import get_spec, list_methods, method_options
 from .requests import resolve_methods
+from .runtime import RUNTIMES, RUNTIME_VARIABLE, default_runtime
 from .spec import Option
 
 
@@ -23,7 +24,8 @@ def _methods_text() -> str:
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, method: bool = True, multiple_methods: bool = False) -> None:
     """Add ``--method``, ``--backbone``, ``--backbone-weights``, ``--checkpoint``,
-    ``--class-name``, ``--device``, ``--seed`` and ``--out``."""
+    ``--class-name``, ``--device``, ``--seed`` and ``--out``; commands that run methods
+    (``method=True``) also get ``--runtime`` (default ``DETECTOR_RUNTIME``, else auto)."""
     if method:
         if multiple_methods:
             parser.add_argument("--method", nargs="+", default=None, help=f"method name(s) or 'all': {_methods_text()}")
@@ -35,6 +37,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, method: bool = True
     parser.add_argument("--class-name", default="object", help="object word used in text prompts (default: object)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    if method:
+        parser.add_argument(
+            "--runtime",
+            choices=list(RUNTIMES),
+            default=default_runtime(),
+            help=f"what runs the frozen image encoders: torch, openvino or auto (OpenVINO on the CPU when its "
+            f"conversion succeeds) [{RUNTIME_VARIABLE}; default: {default_runtime()}]",
+        )
     parser.add_argument("--out", default=None, help="output file or folder")
 
 
@@ -47,6 +57,7 @@ def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "class_name": args.class_name,
         "seed": args.seed,
+        **({"runtime": args.runtime} if getattr(args, "runtime", None) else {}),
     }
 
 

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     options: dict[str, dict[str, Any]] = cli.options_from_args(args, methods)
     for method in methods:
         options[method].setdefault("seed", args.seed)
+        options[method].setdefault("runtime", args.runtime)
         if args.sigma is not None:
             options[method]["sigma"] = args.sigma
     config = ServiceConfig(

@@ -143,6 +143,10 @@ class Description:
         class_name: the object word of the text prompts.
         num_normals: normal images of the last ``fit``.
         details: the method-specific part (open: later additions go here).
+        runtime: what runs the frozen image path: ``"torch"`` or ``"openvino"``.
+        runtime_details: ``runtime_requested``, and where it applies ``runtime_source``
+            (``"converted"``/``"cache"``), ``runtime_seconds``, ``runtime_warning`` (a
+            requested OpenVINO runtime that is not used, and why), ``runtime_note``.
     """
 
     method: str
@@ -158,11 +162,13 @@ class Description:
     class_name: str
     num_normals: int
     details: Mapping[str, Any] = field(default_factory=dict)
+    runtime: str = "torch"
+    runtime_details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def runs_on_random_weights(self) -> bool:
         return "random" in self.backbone_weights.lower()
 
     def to_dict(self) -> dict[str, Any]:
-        common = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "details"}
-        return {**common, **dict(self.details)}
+        common = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("details", "runtime_details")}
+        return {**common, **dict(self.runtime_details), **dict(self.details)}

@@ -448,7 +448,8 @@ class InspectionService:
 
     def warm_start(self, methods: Sequence[str]) -> Future:
         """Build ``methods`` with the configured options and let each compute what later
-        calls reuse (``Detector.warm_up``), as background work; returns its future."""
+        calls reuse (``Detector.warm_up``, the runtime's conversion), as background work;
+        returns its future."""
         names = [get_method(m).name for m in methods]
 
         def run() -> None:
@@ -456,6 +457,7 @@ class InspectionService:
                 with self.scheduler.slot(f"warm start {name}"):
                     detector, _ = self._build(name, self.options_for(name))
                     detector.warm_up()
+                    detector.prepare_runtime()  # converts or loads the OpenVINO model once
 
         return self.scheduler.submit(run)
 

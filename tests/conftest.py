@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, quiet Gradio, small helpers."""
+"""Shared test set-up: offline hub, quiet Gradio, PyTorch runtime, small helpers."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ if "DETECTOR_CACHE_DIR" not in os.environ:
 
     os.environ["DETECTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="detector-test-cache-")
     atexit.register(shutil.rmtree, os.environ["DETECTOR_CACHE_DIR"], True)
+# Every test runs the PyTorch runtime unless it asks for another one (tests/test_runtime.py).
+os.environ["DETECTOR_RUNTIME"] = "torch"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -18,6 +18,7 @@ from detector.base import set_arguments
 from detector.checkpoint_sets import OFFICIAL, resolve_set
 from detector.errors import CheckpointError
 from detector.registry import get_method, get_spec, list_methods
+from detector.runtime import DEFAULT_RUNTIME, RUNTIME_VARIABLE, RUNTIMES
 from detector.service import ServiceConfig
 
 
@@ -29,7 +30,9 @@ class AppConfig:
         backbone, backbone_weights: for every method (``None`` = each method's official ones).
         checkpoints: per method name, a checkpoint path or ``hf-hub:`` address.
         method_options: per method name, default options (e.g. a preset).
-        device, threads: torch device and CPU threads.
+        device, threads: torch device and CPU threads (OpenVINO uses torch's count).
+        runtime: what runs every method's frozen image path (``detector.runtime``):
+            ``"auto"`` (default), ``"openvino"`` or ``"torch"``.
         server_name, server_port: where Gradio listens.
         examples: offer the example sets.
         warm_start: build the models in the background right after start-up.
@@ -41,6 +44,7 @@ class AppConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
     threads: int | None = None
+    runtime: str = DEFAULT_RUNTIME
     server_name: str | None = None
     server_port: int | None = None
     examples: bool = True
@@ -51,7 +55,10 @@ class AppConfig:
             backbone=self.backbone or None,
             backbone_weights=self.backbone_weights or None,
             checkpoints=with_official_defaults(self.checkpoints, self.backbone),
-            method_options={k: dict(v) for k, v in self.method_options.items()},
+            method_options={
+                method: {"runtime": self.runtime, **dict(self.method_options.get(method, {}))}
+                for method in dict.fromkeys([*list_methods(), *self.method_options])
+            },
             device=self.device,
         )
 
@@ -108,11 +115,29 @@ def _method_option(method: str, option: str) -> Callable[[dict[str, Any], Any], 
     return store
 
 
+def _checked(kind: type, choices: Sequence[Any], flag: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        value = kind(text)
+        if choices and value not in choices:
+            raise ValueError(f"{flag} must be one of {', '.join(map(str, choices))}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 COMMON_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag("--backbone", ("DETECTOR_BACKBONE",), str, "open_clip model for every method (default: each method's official one; 'tiny-test' = small random CLIP)", _field("backbone")),
     ConfigFlag("--backbone-weights", ("DETECTOR_BACKBONE_WEIGHTS",), str, "pretrained tag, local file, 'hf-hub:...' or 'random' for every method (default: official weights)", _field("backbone_weights")),
     ConfigFlag("--device", ("DETECTOR_DEVICE",), str, "torch device (default: cpu)", _field("device")),
-    ConfigFlag("--threads", ("DETECTOR_THREADS",), int, "torch CPU threads (default: torch's choice)", _field("threads")),
+    ConfigFlag("--threads", ("DETECTOR_THREADS",), int, "torch CPU threads, OpenVINO's too (default: torch's choice)", _field("threads")),
+    ConfigFlag(
+        "--runtime",
+        (RUNTIME_VARIABLE,),
+        _checked(str, RUNTIMES, "--runtime"),
+        "what runs the frozen image encoders: auto (OpenVINO on the CPU when its conversion succeeds, else PyTorch), openvino or torch (default: auto)",
+        _field("runtime"),
+    ),
     ConfigFlag("--server-name", ("GRADIO_SERVER_NAME",), str, "host to listen on (default 127.0.0.1; 0.0.0.0 on Spaces)", _field("server_name")),
     ConfigFlag("--server-port", ("GRADIO_SERVER_PORT", "PORT"), int, "port (default: first free from 7860)", _field("server_port")),
 )
@@ -140,17 +165,6 @@ def method_flags() -> list[ConfigFlag]:
                 )
             )
     return flags
-
-
-def _checked(kind: type, choices: Sequence[Any], flag: str) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        value = kind(text)
-        if choices and value not in choices:
-            raise ValueError(f"{flag} must be one of {', '.join(map(str, choices))}")
-        return value
-
-    convert.__name__ = kind.__name__
-    return convert
 
 
 def config_flags() -> list[ConfigFlag]:

@@ -92,7 +92,10 @@ def weights_markdown(method: str, description: Mapping[str, Any] | None, fallbac
         f"runs: **{facts.state()}**",
         (f"checkpoint: `{facts.checkpoint}`" + in_use) if facts.checkpoint else "checkpoint: none",
         f"learned parts: {'trained' if facts.trained else 'untrained'} · mode: {facts.mode}",
+        f"image encoder runtime: {description.get('runtime', 'torch')}",
     ]
+    if description.get("runtime_warning"):
+        lines.append(f"⚠️ {description['runtime_warning']}")
     if not spec.trained_offline and facts.trained:
         settings = ", ".join(f"{key} {description[key]}" for key in spec.app_options if description.get(key) is not None)
         lines.append("learned on your normal images" + (f" ({settings})" if settings else ""))

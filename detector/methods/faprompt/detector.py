@@ -19,6 +19,7 @@ from ...base import BackboneChoice, Detector, MethodOutput, PreparedBatch, Progr
 from ...artefacts import Converted, ConvertRequest, MethodArtefacts
 from ...checkpoints import CheckpointInfo
 from ...registry import register_method
+from ...runtime import ImagePath
 from ...results import Box, DetectionResult, Explanation, PromptSimilarity
 from ...spec import MethodSpec, Option, RelativeCost
 from ...weights import resolve_path
@@ -26,7 +27,7 @@ from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_
 from .encoders import method_image_size, quick_gelu_for
 from . import artefacts as published
 from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state
-from .model import FAPromptModel, TextState
+from .model import FAPromptImagePath, FAPromptModel, TextState
 from .prompts import WORD_ABNORMALITY_PHRASES
 
 
@@ -175,9 +176,15 @@ class FAPromptDetector(Detector):
                 self._text_state = self.model.text_state()
         return self._text_state
 
+    def _image_path(self) -> ImagePath:
+        """The dual-path (V-V) vision forward: normalised global feature and patch features."""
+        name = f"faprompt.vv-from-{self.model.vision.vv_start}"
+        return self.declare_image_path(name, FAPromptImagePath(self.model), ("global", "patches"))
+
     def _encode(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised ``(global (B, E), patches (B, 1 + N, E))``."""
-        return self.model.encode_images(batch.pixels)
+        global_features, patches = self.run_image_path(batch.pixels)
+        return global_features, patches
 
     def _score(self, encoded: tuple[torch.Tensor, torch.Tensor], batch: PreparedBatch) -> list[MethodOutput]:
         state = self.text_state()

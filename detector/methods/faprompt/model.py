@@ -227,3 +227,22 @@ class FAPromptModel(nn.Module):
     def score(self, images: torch.Tensor, state: TextState) -> dict[str, torch.Tensor]:
         """``score_features`` of ``encode_images(images)`` (``(B, 3, S, S)``)."""
         return self.score_features(*self.encode_images(images), state)
+
+
+class FAPromptImagePath(nn.Module):
+    """FAPrompt's frozen image path as a module with a fixed signature (for the runtime).
+
+    ``forward(images (B, 3, S, S)) -> (global (B, E), patches (B, 1 + N, E))``, both
+    L2-normalised: exactly ``FAPromptModel.encode_images`` (the V-V path and the global
+    feature of ``DualPathVisionEncoder``). The vision tower is registered (its weights are
+    the module's parameters, for export and the weights fingerprint); nothing of it is
+    modified.
+    """
+
+    def __init__(self, model: FAPromptModel) -> None:
+        super().__init__()
+        self.visual = model.vision.visual
+        self.__dict__["model"] = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_images(images)

@@ -25,16 +25,17 @@ from ...errors import CheckpointError
 from ...weights import resolve_path
 from ...geometry import Geometry
 from ...registry import register_method
+from ...runtime import ImagePath
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
 from ...spec import MethodSpec, Option, RelativeCost
 from . import artefacts as published
 from .checkpoint import HEAD_PREFIXES, InCTRLCheckpoint, head_state_shapes, inspect_checkpoint, read_checkpoint
 from .model import (
     InCTRLHeads,
+    InCTRLImagePath,
     InCTRLModel,
     InCTRLScores,
     block_indices,
-    encode_images,
     pool_normals,
     text_prior_features,
     text_prior_score,
@@ -231,9 +232,15 @@ class InCTRLDetector(Detector):
             text_prior_features(self.backbone, self.class_name)
         self._bank = _NormalBank(tokens=tokens, pooled=pool_normals(tokens), embeddings=embeddings, geometries=normals.geometries)
 
+    def _image_path(self) -> ImagePath:
+        """The intermediate tokens of ``self.blocks`` and the image embedding (``encode_images``)."""
+        name = "inctrl.blocks-" + "-".join(map(str, self.blocks))
+        return self.declare_image_path(name, InCTRLImagePath(self.backbone, self.blocks), ("tokens", "embeddings"))
+
     def _encode(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens (B, L, N, D), embeddings (B, E))`` from one vision forward."""
-        return encode_images(self.backbone, batch.pixels, self.blocks)
+        tokens, embeddings = self.run_image_path(batch.pixels)
+        return tokens, embeddings
 
     def _scores(
         self, tokens: torch.Tensor, embeddings: torch.Tensor, normal_pooled: torch.Tensor, normal_embeddings: torch.Tensor

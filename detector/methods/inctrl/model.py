@@ -329,3 +329,22 @@ def encode_images(backbone: Backbone, images: torch.Tensor, blocks: Sequence[int
     out = backbone.intermediate_tokens(images, blocks)
     tokens = torch.stack([t.float() for t in out["patch_tokens"]], dim=1)
     return l2_normalize(tokens), out["image_features"].float()
+
+
+class InCTRLImagePath(nn.Module):
+    """InCTRL's frozen image path as a module with a fixed signature (for the runtime).
+
+    ``forward(images (B, 3, S, S)) -> (tokens (B, L, N, D) L2-normalised, embeddings (B, E))``
+    is exactly ``encode_images(backbone, images, blocks)``. The vision tower is registered
+    (its weights are the module's parameters, for export and the weights fingerprint); the
+    backbone's state is never modified.
+    """
+
+    def __init__(self, backbone: Backbone, blocks: Sequence[int]) -> None:
+        super().__init__()
+        self.visual = backbone.visual
+        self.__dict__["backbone"] = backbone
+        self.blocks = tuple(int(b) for b in blocks)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_images(self.backbone, images, self.blocks)

@@ -291,6 +291,7 @@ def run(args: argparse.Namespace) -> Path:
         checkpoint=args.checkpoint,
         device=args.device,
         seed=args.seed,
+        runtime="torch",  # training stays in PyTorch, features included
     )
     heads = detector.heads
     heads.requires_grad_(True).train()
