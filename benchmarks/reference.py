@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 
 def inctrl_official_pattern(det: Any, normals: list, query: Any) -> float:
-    """One query the official way; returns the score."""
+    """One query the official way: the 242 prompts through the text tower at all 77 token
+    positions (no end-token cut, no cache), the normals encoded again; returns the score."""
     from detector.methods import inctrl
 
     with torch.inference_mode():
-        inctrl.text_prior_features.__wrapped__(det.backbone, det.class_name)
+        for texts in inctrl.prompt_texts(det.class_name):
+            det.backbone.model.encode_text(det.backbone.tokenize(texts), normalize=False)
     det.fit(normals)
     return det.predict(query).score
 
