@@ -31,7 +31,8 @@ from .base import Detector, check_normal_count, set_arguments
 from .checkpoint_sets import checkpoint_in_use
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import LoadedImage, fingerprint, load_image
-from .inspection.batch import BatchResult, run_batch
+from .inspection.batch import BatchResult
+from .service_batch import run_batch
 from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, outcome_of, weights_text
 from .progress import Deadline, ProgressCallback, method_reporter, scaled
 from .prefetch import Prefetcher
@@ -309,7 +310,7 @@ class InspectionService:
         progress: ProgressCallback | None = None,
     ) -> BatchResult:
         """Many queries against one normal set: each method is fitted once (or taken from the
-        cache), then ``inspection.run_batch`` scores every query.
+        cache), then ``service_batch.run_batch`` scores every query.
 
         ``queries`` are ``(name, image)`` pairs. Raises ``ValueError`` for more than
         ``limits.MAX_BATCH_QUERIES`` queries before any fitting, and as ``inspect`` does for

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from detector import create_detector, inspection, maps
+from detector.service_batch import run_batch
 from detector.synthetic import texture
 
 NORMAL_SIZE = (72, 104)  # H, W: not square, so boxes map through a real geometry
@@ -182,7 +183,7 @@ def test_agreement_with_nothing_flagged():
 def batch(fitted, queries):
     entries = {m: (fitted[m], fitted[m].calibrate()) for m in ("inctrl", "anople")}
     reports: list[tuple[float, str]] = []
-    out = inspection.run_batch(entries, queries, threshold=0.5, progress=lambda f, m: reports.append((f, m)))
+    out = run_batch(entries, queries, threshold=0.5, progress=lambda f, m: reports.append((f, m)))
     return entries, out, reports
 
 
@@ -212,7 +213,7 @@ def test_batch_ranking_equals_sorting_individual_predictions(batch, queries):
 
 def test_batch_skips_unreadable_images(fitted, queries):
     det = fitted["inctrl"]
-    out = inspection.run_batch(
+    out = run_batch(
         {"inctrl": (det, det.calibrate())}, [("broken.png", b"not an image"), queries[2]], keep_overlays=False
     )
     assert [row.image for row in out.rows] == [queries[2][0]] and out.overlays == []
@@ -227,7 +228,7 @@ def test_batch_over_the_limit_is_refused_before_any_work(fitted, queries, monkey
     monkeypatch.setattr(det, "predict", lambda image: calls.append(image))
     too_many = [queries[0]] * (limits.MAX_BATCH_QUERIES + 1)
     with pytest.raises(ValueError, match=f"at most {limits.MAX_BATCH_QUERIES}"):
-        inspection.run_batch({"inctrl": (det, det.calibrate())}, too_many)
+        run_batch({"inctrl": (det, det.calibrate())}, too_many)
     assert calls == []
 
 

@@ -6,8 +6,8 @@ module per concern:
   prompt, all from ``Detector.explanation`` (cached features, no re-encoding);
 * ``agreement``: where the calibrated maps of several methods flag the same pixels, as a
   count map, a colour picture and a one-line summary;
-* ``batch``: ``run_batch`` scores many queries with already fitted detectors;
-  ``rank_batch`` and ``flagged_counts`` order and count the rows;
+* ``batch``: the rows of a batch run (the service's ``detector.service_batch`` scores
+  them); ``rank_batch`` and ``flagged_counts`` order and count them;
 * ``export``: the rows as CSV (``batch_csv``) and the overlays as a ZIP (``overlays_zip``);
 * ``report``: one slide (PNG or PDF) with the query, the normals, every method's overlay,
   scores, thresholds and the weights each method ran on (``report_image``, ``save_report``);
@@ -18,7 +18,8 @@ Images are uint8 ``(H, W, 3)`` RGB arrays; maps are float32 ``(H, W)``; boxes ar
 """
 
 from .agreement import AGREEMENT_ALL_COLOR, AGREEMENT_ONE_COLOR, Agreement, agreement, agreement_colors
-from .batch import BatchResult, BatchRow, check_batch_size, flagged_counts, rank_batch, run_batch, verdict
+from ..requests import check_batch_size
+from .batch import BatchResult, BatchRow, flagged_counts, rank_batch, verdict
 from .drawing import NORMAL_BOX_COLOR, QUERY_BOX_COLOR, draw_box, thumbnail
 from .explanations import ExplanationView, explanation_view
 from .export import CSV_COLUMNS, batch_csv, overlays_zip, safe_name
@@ -47,7 +48,6 @@ __all__ = [
     "panel_from_summary",
     "rank_batch",
     "report_image",
-    "run_batch",
     "safe_name",
     "save_report",
     "thumbnail",
