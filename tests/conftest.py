@@ -86,3 +86,19 @@ class CountingFactory:
 
         detector.fit, detector.predict = counted_fit, counted_predict
         return detector
+
+
+def random_inctrl_heads(seed: int, embed_dim: int = 64, num_patches: int = 64) -> dict:
+    """InCTRL head state with every entry randomised (incl. batch-norm statistics)."""
+    from detector.methods.inctrl import InCTRLHeads
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in InCTRLHeads(embed_dim, num_patches).state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(7)
+        elif name.endswith("running_var"):
+            state[name] = 0.5 + torch.rand(value.shape, generator=generator)
+        else:
+            state[name] = 0.3 * torch.randn(value.shape, generator=generator)
+    return state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 from PIL import Image
 

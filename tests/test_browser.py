@@ -48,43 +48,55 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    url, process, handle = start_app(
+        tmp_path_factory, {"ANOPLE_STEPS": "2", "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache"))}
+    )
+    try:
+        yield url
+    finally:
+        stop_app(process, handle)
+
+
+def start_app(tmp_path_factory, extra: dict) -> tuple:
+    """``python app.py`` on a free port with the tiny backbone and ``extra`` environment;
+    returns ``(url, process, log handle)`` once the page answers."""
     port = free_port()
     log = tmp_path_factory.mktemp("app_server") / "server.log"
     env = {
         **os.environ,
         "DETECTOR_BACKBONE": "tiny-test",
         "DETECTOR_BACKBONE_WEIGHTS": "random",
-        "ANOPLE_STEPS": "2",
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
-        "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache")),
+        **extra,
     }
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(ROOT), env=env,
-                                   stdout=handle, stderr=subprocess.STDOUT)
+    handle = open(log, "w")
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(ROOT), env=env, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
+    deadline = time.monotonic() + 120
+    while True:
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return url, process, handle
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_app(process, handle)
+            pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_app(process: subprocess.Popen, handle) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    handle.close()
 
 
 def test_upload_run_all_methods_and_screenshot(server):
@@ -217,82 +229,45 @@ def test_batch_upload_ranks_and_opens_a_row(server):
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
     """The app with AnoPLe slowed deterministically (many prompt-learning steps)."""
-    return _start(tmp_path_factory, {"ANOPLE_STEPS": "400"})
-
-
-def _start(tmp_path_factory, extra):
-    port = free_port()
-    log = tmp_path_factory.mktemp("slow_app_server") / "server.log"
-    env = {
-        **os.environ,
-        "DETECTOR_BACKBONE": "tiny-test",
-        "DETECTOR_BACKBONE_WEIGHTS": "random",
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-        "DETECTOR_NO_EXAMPLES": "1",
-        **extra,
-    }
-    handle = open(log, "w")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(ROOT), env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return url, process, handle
+    url, process, handle = start_app(tmp_path_factory, {"ANOPLE_STEPS": "400", "DETECTOR_NO_EXAMPLES": "1"})
+    try:
+        yield url
+    finally:
+        stop_app(process, handle)
 
 
 def test_columns_fill_as_methods_finish_and_prefetched_work_is_reused(slow_server):
     from playwright.sync_api import expect, sync_playwright
 
-    url, process, handle = slow_server
+    url = slow_server
     normals = sorted(str(p) for p in EXAMPLE.glob("normal_*.png"))
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1500})
-                page.goto(url, wait_until="load", timeout=90_000)
-                run = page.get_by_role("button", name="Run", exact=True)
-                expect(run).to_be_visible(timeout=60_000)
-                page.locator("#methods").get_by_label("FAPrompt").uncheck()
-                page.locator("#normals input[type=file]").set_input_files(normals)
-                page.locator("#query input[type=file]").set_input_files(str(EXAMPLE / "query_scratch.png"))
-                expect(page.locator("#query img")).to_be_visible(timeout=30_000)
-                run.click()
-                # InCTRL's column is filled while AnoPLe's still shows its own progress.
-                expect(page.locator("#verdict-inctrl")).to_contain_text("→", timeout=120_000)
-                expect(page.locator("#progress-anople")).to_contain_text("step", timeout=30_000)
-                assert "→" not in page.locator("#verdict-anople").inner_text()
-                page.screenshot(path=str(ARTIFACTS / "app_streaming.png"), full_page=True)
-                expect(page.locator("#verdict-anople")).to_contain_text("→", timeout=300_000)
-
-                # New normals: the background work starts on upload; Run after "ready" reuses it.
-                page.locator("#normals input[type=file]").set_input_files(normals[:2])
-                expect(page.locator("#prefetch-status")).to_contain_text("ready", timeout=300_000)
-                run.click()
-                page.get_by_text("JSON summary").click()
-                summary = page.locator("#summary")
-                expect(summary).to_contain_text("anople", timeout=120_000)
-                expect(summary).to_contain_text("reused_fit", timeout=30_000)
-                expect(summary).not_to_contain_text(re.compile(r'"reused_fit":\s*false'), timeout=30_000)
-            finally:
-                browser.close()
-    finally:
-        process.terminate()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        handle.close()
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.goto(url, wait_until="load", timeout=90_000)
+            run = page.get_by_role("button", name="Run", exact=True)
+            expect(run).to_be_visible(timeout=60_000)
+            page.locator("#methods").get_by_label("FAPrompt").uncheck()
+            page.locator("#normals input[type=file]").set_input_files(normals)
+            page.locator("#query input[type=file]").set_input_files(str(EXAMPLE / "query_scratch.png"))
+            expect(page.locator("#query img")).to_be_visible(timeout=30_000)
+            run.click()
+            # InCTRL's column is filled while AnoPLe's still shows its own progress.
+            expect(page.locator("#verdict-inctrl")).to_contain_text("→", timeout=120_000)
+            expect(page.locator("#progress-anople")).to_contain_text("step", timeout=30_000)
+            assert "→" not in page.locator("#verdict-anople").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "app_streaming.png"), full_page=True)
+            expect(page.locator("#verdict-anople")).to_contain_text("→", timeout=300_000)
+
+            # New normals: the background work starts on upload; Run after "ready" reuses it.
+            page.locator("#normals input[type=file]").set_input_files(normals[:2])
+            expect(page.locator("#prefetch-status")).to_contain_text("ready", timeout=300_000)
+            run.click()
+            page.get_by_text("JSON summary").click()
+            summary = page.locator("#summary")
+            expect(summary).to_contain_text("anople", timeout=120_000)
+            expect(summary).to_contain_text("reused_fit", timeout=30_000)
+            expect(summary).not_to_contain_text(re.compile(r'"reused_fit":\s*false'), timeout=30_000)
+        finally:
+            browser.close()

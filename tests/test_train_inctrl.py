@@ -111,18 +111,10 @@ def test_training_scores_and_loss_come_from_the_inference_forward(dataset, tmp_p
     is the official loss of those scores."""
     import random
 
+    from conftest import random_inctrl_heads
     from detector.checkpoints import save_safetensors
-    from detector.methods.inctrl import InCTRLHeads
 
-    generator = torch.Generator().manual_seed(5)
-    state = {}
-    for name, value in InCTRLHeads(64, 64).state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(3)
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(value.shape, generator=generator)
-        else:
-            state[name] = 0.3 * torch.randn(value.shape, generator=generator)
+    state = random_inctrl_heads(5)
     file = save_safetensors(tmp_path / "heads.safetensors", state, {"method": "inctrl", "backbone": "tiny-test"})
 
     data = training.collect_training_data("mvtec", dataset)

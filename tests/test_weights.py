@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_inctrl_heads
 from detector import create_detector
 from detector.artefacts import AmbiguousListing, RemoteFile, sha256_file, tensor_digest
 from detector.backbone import load_backbone
 from detector.checkpoint_sets import read_manifest, resolve_set
 from detector.checkpoints import read_header
 from detector.errors import CheckpointError
-from detector.methods import inctrl
 from detector.methods.inctrl import InCTRLDetector
 from detector.synthetic import add_defect, texture
 from detector import downloads, weights_cli, weights_fetch
@@ -50,17 +50,7 @@ def query() -> np.ndarray:
     return add_defect(texture("grating", 3, (72, 90), index=50), seed=50)[0]
 
 
-def random_heads(seed: int, embed_dim: int = 64, num_patches: int = 64) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in inctrl.InCTRLHeads(embed_dim, num_patches).state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(value.shape, generator=generator)
-        else:
-            state[name] = 0.3 * torch.randn(value.shape, generator=generator)
-    return state
+random_heads = random_inctrl_heads
 
 
 def clip_state(model_name: str = "tiny-test", perturb: float = 0.0) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_inctrl_heads
 from detector import create_detector
 from detector.errors import CheckpointError
 from detector.backbone import load_backbone
@@ -34,19 +35,7 @@ def query(size=(72, 90), index: int = 50, defect: bool = True) -> np.ndarray:
     return add_defect(image, seed=index)[0] if defect else image
 
 
-def random_heads(seed: int, embed_dim: int = 64, num_patches: int = 64) -> dict[str, torch.Tensor]:
-    """Head state with every entry randomised (incl. batch-norm statistics)."""
-    generator = torch.Generator().manual_seed(seed)
-    heads = inctrl.InCTRLHeads(embed_dim, num_patches)
-    state = {}
-    for name, value in heads.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = 0.5 + torch.rand(value.shape, generator=generator)
-        else:
-            state[name] = 0.3 * torch.randn(value.shape, generator=generator)
-    return state
+random_heads = random_inctrl_heads
 
 
 def tiny_clip_state(perturb: float = 0.0) -> dict[str, torch.Tensor]:
