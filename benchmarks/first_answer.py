@@ -9,7 +9,8 @@ and measures in one process:
   240 px; P: the methods' plain ``predict`` times added, through the Python API;
 * (a) cold: after the warm start has finished, normals and query given and Run at once:
   time to the first method's result and to all of them (a provisional calibration counts as
-  shown);
+  shown), then to the final redraw (the page's timer, polled every ``TICK_SECONDS``, draws
+  the background calibration's report) and how long after the calibration landed that was;
 * (b) prefetched: the normals' background work started and finished, then Run: time to all;
 * (c) a second query against the same normals.
 
@@ -81,19 +82,30 @@ def _handlers(quick: bool, faprompt_checkpoint: str):
 
 
 def _timed_run(handlers: Any, normals: list, query: str, methods: list[str], session: str) -> dict[str, float]:
-    """Seconds from Run to the first method shown and to all of them."""
+    """Seconds from Run to the first method shown, to all of them (the end of the Run's
+    stream), and to the final redraw by the page's timer (equal to ``all_s`` when nothing was
+    provisional); ``redraw_lag_s``: from the background calibration landing to that redraw."""
+    from ui.layout import TICK_SECONDS
+
     request = types.SimpleNamespace(session_hash=session)
     start = time.perf_counter()
     first = None
-    shown = 0
-    for outputs in handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=request):
-        shown = len(outputs[0]["methods"])
+    for _ in handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=request):
         if first is None:
             first = time.perf_counter() - start
-        if shown == len(methods):
-            break  # every method shown (provisional calibrations count)
     total = time.perf_counter() - start
-    return {"first_s": float(first or total), "all_s": total}
+    future = handlers.final_calibrations.future(session)
+    if future is None:
+        return {"first_s": float(first or total), "all_s": total, "final_s": total, "redraw_lag_s": 0.0}
+    landed: list[float] = []
+    future.add_done_callback(lambda _: landed.append(time.perf_counter()))
+    while True:  # the page's timer
+        time.sleep(TICK_SECONDS)
+        outputs = handlers.tick(0.5, 0.5, "jet", request=request)
+        if "__type__" not in outputs[0]:  # not gr.skip(): the final outputs
+            break
+    redrawn = time.perf_counter()
+    return {"first_s": float(first or total), "all_s": total, "final_s": redrawn - start, "redraw_lag_s": redrawn - landed[0]}
 
 
 def run(quick: bool, threads: int) -> dict[str, Any]:
@@ -150,6 +162,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "plain_predict_s": plain,
         "cold_first_s": cold["first_s"],
         "cold_all_s": cold["all_s"],
+        "cold_final_s": cold["final_s"],
+        "redraw_lag_s": cold["redraw_lag_s"],
         "prefetch_s": prefetch_s,
         "prefetched_all_s": prefetched["all_s"],
         "second_query_s": second["all_s"],
@@ -159,24 +173,31 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "cold_all / F": cold["all_s"] / F,
         "prefetched_all / P": prefetched["all_s"] / P,
         "second_query / P": second["all_s"] / P,
+        "cold_final / F": cold["final_s"] / F,
     }
     return result
 
 
 TARGETS = {"cold_first / B": 8.0, "cold_all / F": 5.0, "prefetched_all / P": 1.2, "second_query / P": 1.2}
+#: Not a target of the issue: shown for what a person waits until every calibration is final.
+REPORTED = {"cold_final / F": "cold_final_s"}
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"F (ViT-L-14-336 @ 518) = {result['F_s']:.3g} s, B (ViT-B-16-plus-240 @ 240) = {result['B_s']:.3g} s, "
         f"P (plain predicts added) = {result['P_s']:.3g} s; {result['threads']} threads; background prefetch took "
-        f"{result['prefetch_s']:.3g} s",
+        f"{result['prefetch_s']:.3g} s; the final redraw came {result['redraw_lag_s']:.2f} s after the background "
+        "calibration landed (target <= 2 s)",
         "",
         "| measure | seconds | ratio | target | met |",
         "|---|---|---|---|---|",
     ]
     seconds = {"cold_first / B": "cold_first_s", "cold_all / F": "cold_all_s", "prefetched_all / P": "prefetched_all_s", "second_query / P": "second_query_s"}
     for name, ratio in result["ratios"].items():
+        if name in REPORTED:
+            lines.append(f"| {name} | {result[REPORTED[name]]:.3g} | {ratio:.2f} | (reported) | |")
+            continue
         met = "yes" if ratio <= TARGETS[name] else "no"
         lines.append(f"| {name} | {result[seconds[name]]:.3g} | {ratio:.2f} | <= {TARGETS[name]} | {met} |")
     return "\n".join(lines)

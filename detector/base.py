@@ -235,9 +235,11 @@ class Detector(abc.ABC):
     def _score(self, encoded: Any, batch: PreparedBatch) -> list[MethodOutput]:
         """Scores and raw maps of every image of the batch, from ``_encode``'s output."""
 
-    def _leave_one_out(self) -> list[MethodOutput] | None:
+    def _leave_one_out(self, progress: ProgressCallback | None = None) -> list[MethodOutput] | None:
         """Each fitted normal scored against the others, from cached features (raw maps
-        on the grid); ``None`` when the method cannot (fewer than 2 normals)."""
+        on the grid); ``None`` when the method cannot (fewer than 2 normals). A method that
+        runs its encoder again per normal calls ``progress(fraction, message)`` between the
+        passes: a stage boundary where the service's scheduler lets waiting requests go first."""
         return None
 
     def _explain_patch(self, result: DetectionResult, row: int, col: int, query_box: Box) -> Explanation:
@@ -403,13 +405,13 @@ class Detector(abc.ABC):
         """The method's documented fixed range and threshold."""
         return self.spec.default_calibration
 
-    def leave_one_out(self) -> list[tuple[float, np.ndarray]] | None:
+    def leave_one_out(self, progress: ProgressCallback | None = None) -> list[tuple[float, np.ndarray]] | None:
         """``(score, anomaly_map at that normal's original size)`` of each fitted normal
         scored against the others; ``None`` when the method cannot (fewer than 2 normals)."""
         if not self._fitted:
             return None
         with torch.inference_mode():
-            outputs = self._leave_one_out()
+            outputs = self._leave_one_out(progress)
         if not outputs:
             return None
         return [
@@ -417,10 +419,11 @@ class Detector(abc.ABC):
             for out, geometry in zip(outputs, self.normal_geometries)
         ]
 
-    def calibrate(self, normals: Sequence[Any] | None = None) -> Calibration:
+    def calibrate(self, normals: Sequence[Any] | None = None, *, progress: ProgressCallback | None = None) -> Calibration:
         """Reference range and threshold: the stored record, else held-out ``normals``
         scored as queries, else leave-one-out over the fitted normals, else the default
-        (``detector.calibration``)."""
+        (``detector.calibration``). ``progress(fraction, message)`` is called between the
+        encoder passes of a leave-one-out that needs them."""
         if self.stored_calibration is not None:
             return self.stored_calibration
         default = self.default_calibration()
@@ -429,7 +432,7 @@ class Detector(abc.ABC):
             return calibration_from_normals(
                 [r.score for r in results], [r.anomaly_map for r in results], default, f"{len(results)} held-out normals"
             )
-        leave_one_out = self.leave_one_out()
+        leave_one_out = self.leave_one_out(progress)
         if leave_one_out:
             scores, maps_ = zip(*leave_one_out)
             return calibration_from_normals(scores, maps_, default, f"leave-one-out over {len(scores)} normals")

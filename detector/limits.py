@@ -50,3 +50,8 @@ MAX_BACKGROUND_JOBS = 1
 
 #: Distinct backbones kept in memory per process.
 BACKBONE_CACHE_SIZE = 4
+
+#: Decoded pixels of uploaded files the app keeps, in bytes (``detector.image_cache``): a
+#: Run after the upload's background work, or a second query against the same normals,
+#: reads the normals without decoding them again.
+DECODED_IMAGE_CACHE_BYTES = 256 * 1024 * 1024

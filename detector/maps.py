@@ -260,7 +260,9 @@ def colorize(map01: np.ndarray, colormap: str = "jet") -> np.ndarray:
 
 
 def overlay(image_rgb: np.ndarray, map01: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> np.ndarray:
-    """Alpha-blend the coloured map over the image: ``(1 - alpha) * image + alpha * colour``.
+    """Alpha-blend the coloured map over the image: ``(1 - alpha) * image + alpha * colour``,
+    rounded to the nearest grey level (OpenCV's ``addWeighted``, within one level of the
+    exact blend; the app draws this for every method and query).
 
     Args:
         image_rgb: uint8 ``(H, W, 3)``.
@@ -278,8 +280,7 @@ def overlay(image_rgb: np.ndarray, map01: np.ndarray, alpha: float = 0.5, colorm
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     colours = colorize(values, colormap)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, colours, alpha, 0.0)
 
 
 def threshold_mask(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:

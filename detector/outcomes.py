@@ -53,6 +53,9 @@ class MethodOutcome:
     detector: Detector | None = field(default=None, compare=False, repr=False)
     #: The calibration is the method's default while its own is still being computed.
     provisional: bool = False
+    #: The cache entry behind ``result``, whose final calibration a provisional outcome
+    #: waits for (``InspectionService.calibrate_report``); not part of equality.
+    entry: FittedDetector | None = field(default=None, compare=False, repr=False)
 
     @property
     def calibrated_score(self) -> float:
@@ -219,4 +222,5 @@ def outcome_of(cls: type[Detector], entry: FittedDetector, result: DetectionResu
         reused_fit=reused,
         detector=entry.detector,
         provisional=entry.provisional,
+        entry=entry,
     )

@@ -43,6 +43,7 @@ class PrefetchJob:
     session: Hashable
     methods: tuple[str, ...]
     signature: Hashable
+    normals_count: int = 0
     token: CancelToken = field(default_factory=CancelToken)
     future: Future | None = None
     messages: dict[str, str] = field(default_factory=dict)
@@ -63,13 +64,16 @@ class PrefetchJob:
             self.future.result(timeout=timeout)
 
     def status(self) -> str:
-        """One line: ``"ready"`` when all is done, else what each method is doing."""
+        """One line: ``"<methods> on <n> normals: ready"`` when all is done (so a page can tell
+        this job's answer from an earlier one's), else what each method is doing."""
         if self.token.cancelled:
             return "cancelled"
         with self._lock:
             messages, errors = dict(self.messages), dict(self.errors)
         if self.done and not errors:
-            return "ready"
+            names = ", ".join(get_method(method).display_name for method in self.methods)
+            plural = "" if self.normals_count == 1 else "s"
+            return f"{names} on {self.normals_count} normal{plural}: ready"
         parts = []
         for method in self.methods:
             name = get_method(method).display_name
@@ -114,7 +118,7 @@ class Prefetcher:
                 return current
             if current is not None:
                 current.token.cancel()
-            job = PrefetchJob(session, usable, signature)
+            job = PrefetchJob(session, usable, signature, normals_count=len(loaded))
             self._jobs[session] = job
         order = self.service.order_methods(list(usable), len(loaded), {})
         job.future = self.service.scheduler.submit(self._run, job, order, loaded, digest, per_method)

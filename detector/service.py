@@ -238,7 +238,11 @@ class InspectionService:
                 fit_seconds = time.perf_counter() - start
                 provisional = defer_calibration and cls.spec.cost.defers_calibration and detector.num_normals >= 2
                 stage(0.9, f"calibrating {cls.display_name}")
-                calibration = detector.default_calibration() if provisional else detector.calibrate()
+                calibration = (
+                    detector.default_calibration()
+                    if provisional
+                    else detector.calibrate(progress=scaled(stage, 0.9, 1.0, f"calibrating {cls.display_name}"))
+                )
         except BaseException:
             # Nothing is cached for a failed or cancelled fit: drop its lock too, so failing
             # requests leave nothing behind.
@@ -266,11 +270,12 @@ class InspectionService:
         return entry
 
     def calibrate_entry(self, entry: FittedDetector) -> FittedDetector:
-        """A provisional entry's final calibration (computed once, under the entry's lock)."""
+        """A provisional entry's final calibration (computed once, under the entry's lock).
+        As background work it hands the slot to waiting requests between encoder passes."""
         with entry.lock:
             if entry.provisional:
                 with self.scheduler.slot(f"calibrate {entry.method}"):
-                    entry.calibration = entry.detector.calibrate()
+                    entry.calibration = entry.detector.calibrate(progress=lambda *_: self.scheduler.yield_to_foreground())
                 entry.provisional = False
         return entry
 
@@ -279,18 +284,10 @@ class InspectionService:
     def _methods_and_normals(methods: Sequence[str], normals: Sequence[Any] | None) -> tuple[list[str], list[LoadedImage]]:
         """Registered names of ``methods`` (deduplicated, in order) and the loaded normals,
         after checking that every method accepts that many normal images."""
-        names: list[str] = []
-        for method in methods:
-            name = get_method(method).name
-            if name not in names:
-                names.append(name)
+        names = list(dict.fromkeys(get_method(method).name for method in methods))
         if not names:
             raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
         loaded_normals = [load_image(image) for image in (normals or [])]
-        if len(loaded_normals) > limits.MAX_NORMAL_IMAGES:
-            raise ValueError(
-                f"{len(loaded_normals)} normal images given, at most {limits.MAX_NORMAL_IMAGES} are accepted"
-            )
         for name in names:
             cls = get_method(name)
             check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
@@ -368,11 +365,13 @@ class InspectionService:
         progress: ProgressCallback | None = None,
         method_progress: Callable[[str, str], None] | None = None,
         timeout: float | None = None,
+        defer_final_calibration: bool = False,
     ) -> Iterator[InspectionReport]:
         """Run ``methods`` on ``query`` against ``normals``, yielding the report each time a
         method finishes (fastest first). A method whose calibration costs encoder forwards
         (``RelativeCost.defers_calibration``) is first yielded with its default calibration
-        marked ``provisional``; the last report has every calibration final.
+        marked ``provisional``; the last report has every calibration final, unless
+        ``defer_final_calibration`` leaves it to the caller (``calibrate_in_background``).
 
         Args:
             methods: method names (any case); duplicates are ignored.
@@ -384,6 +383,8 @@ class InspectionService:
             method_progress: ``method_progress(method, message)`` per method.
             timeout: seconds the whole call may take (``None`` = no limit); checked before
                 each fit and prediction and at every fit progress step.
+            defer_final_calibration: end after every method is shown, provisional ones
+                included (the app then calibrates them as background work).
 
         Raises:
             RequestTimeoutError: ``timeout`` passed; nothing half-fitted is cached.
@@ -434,17 +435,36 @@ class InspectionService:
             outcomes[name] = outcome_of(cls, entries[name], result, time.perf_counter() - start, reused)
             tell(1.0, "provisional (calibrating)" if entries[name].provisional else "done")
             yield report()
-        pending = [n for n in names if entries[n].provisional]
+        pending = [] if defer_final_calibration else [n for n in names if outcomes[n].provisional]
         for name in pending:
             deadline.check(f"before calibrating {get_method(name).display_name}")
-            entry = self.calibrate_entry(entries[name])
-            outcomes[name] = dataclasses.replace(outcomes[name], calibration=entry.calibration, provisional=False)
+            outcomes[name] = self.final_outcome(outcomes[name])
             if method_progress is not None:
                 method_progress(name, f"{get_method(name).display_name}: done")
         if progress is not None:
             progress(1.0, "done")
         if pending:
             yield report()
+
+    def final_outcome(self, outcome: MethodOutcome) -> MethodOutcome:
+        """``outcome`` with its entry's final calibration (computed now when still provisional)."""
+        if not outcome.provisional or outcome.entry is None:
+            return outcome
+        entry = self.calibrate_entry(outcome.entry)
+        return dataclasses.replace(outcome, calibration=entry.calibration, provisional=False)
+
+    def calibrate_report(self, report: InspectionReport) -> InspectionReport:
+        """``report`` with every provisional calibration made final (each cache entry's
+        leave-one-out calibration is computed once and kept for later queries)."""
+        return dataclasses.replace(report, outcomes=tuple(self.final_outcome(o) for o in report.outcomes))
+
+    def calibrate_in_background(self, report: InspectionReport) -> Future | None:
+        """``calibrate_report`` as background work (after every request's own work, in the
+        bounded pool); the future's result is the final report. ``None`` when nothing in
+        ``report`` is provisional."""
+        if not any(o.provisional for o in report.outcomes):
+            return None
+        return self.scheduler.submit(self.calibrate_report, report)
 
 
     def warm_start(self, methods: Sequence[str]) -> Future:

@@ -384,7 +384,7 @@ def test_prefetch_endpoint_returns_when_ready_and_run_reuses_it(served, tmp_path
     query = tmp_path / "prefetch_query.png"
     Image.fromarray(synthetic.texture("grain", 7, 64, 40)).save(query)
     status = client.predict(gallery(*normals), ["InCTRL", "FAPrompt"], "fabric", api_name="/prefetch")  # as detect() asks
-    assert status == "ready"
+    assert status == "InCTRL, FAPrompt on 2 normals: ready"
     fits = factory.fits
     outputs = detect(client, gallery(*normals), query, ["InCTRL", "FAPrompt"])
     assert all(entry["reused_fit"] for entry in outputs[0]["methods"].values()) and factory.fits == fits

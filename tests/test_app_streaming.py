@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import types
 
+import gradio as gr
 import pytest
 from PIL import Image
 
 import app
 from detector import synthetic
 from detector.service import InspectionService
+from ui import views
 
 GUARD = 120.0
 
@@ -35,27 +39,90 @@ def session(name):
     return types.SimpleNamespace(session_hash=name)
 
 
-def test_results_arrive_method_by_method_and_the_last_is_final(files):
+def panel_of(handlers, outputs, method):
+    """The values of ``method``'s column in the render outputs (``ui.layout`` order)."""
+    start = 4 + views.PANEL_OUTPUTS * handlers.methods.index(method)
+    return outputs[start : start + views.PANEL_OUTPUTS]
+
+
+def tick_until_redrawn(handlers, name):
+    """Timer ticks until one redraws the results; returns its render outputs and state."""
+    end = time.monotonic() + GUARD
+    while True:
+        outputs = handlers.tick(0.5, 0.5, "jet", request=session(name))
+        if not isinstance(outputs[0], dict) or "__type__" not in outputs[0]:  # not gr.skip()
+            return outputs[: handlers.num_render_outputs + 1]
+        assert time.monotonic() < end, "the final calibration was never redrawn"
+        time.sleep(0.05)
+
+
+def test_results_arrive_method_by_method_and_provisional_ones_are_redrawn_final(files):
     handlers = make_handlers()
     normals, query = files
     steps = list(handlers.detect_stream(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None,
                                         request=session("s1")))
     shown = [list(outputs[0]["methods"]) for outputs in steps]
-    assert [len(m) for m in shown[:3]] == [1, 2, 3]  # one more method per step
+    assert [len(m) for m in shown] == [1, 2, 3]  # one more method per step, and the stream ends there
     assert sorted(shown[-1]) == ["anople", "faprompt", "inctrl"]
-    # FAPrompt's leave-one-out calibration (k = 2) is deferred: shown provisional first, then final.
-    first_faprompt = next(o[0]["methods"]["faprompt"] for o in steps if "faprompt" in o[0]["methods"])
-    final = steps[-1][0]["methods"]
-    assert first_faprompt["provisional"] is True and first_faprompt["calibration"] == "default"
+    # A step draws the panel of the method that arrived; the panels drawn before are left as
+    # they are on the page (no image is drawn and sent twice).
+    for index, step in enumerate(steps):
+        arrived = set(shown[index]) - set(shown[index - 1] if index else [])
+        for method in handlers.methods:
+            panel = panel_of(handlers, step, method)
+            new = method in arrived or index == 0  # the first step also clears the other columns
+            assert all(value == gr.skip() for value in panel) != new, (index, method)
+    # FAPrompt's leave-one-out calibration (k = 2) is not in the stream: the Run ends with it
+    # provisional, and the calibration runs as background work.
+    last = steps[-1][0]["methods"]
+    assert last["faprompt"]["provisional"] is True and last["faprompt"]["calibration"] == "default"
+    assert not last["inctrl"]["provisional"] and not last["anople"]["provisional"]
+    texts = dict(zip(handlers.methods, handlers.progress_texts(session("s1"))))
+    assert texts["faprompt"] == "FAPrompt: provisional (calibrating)"
+    assert handlers.final_calibrations.sessions() == ["s1"]
+    # The next timer tick after it lands redraws every output from the final report.
+    redrawn = tick_until_redrawn(handlers, "s1")
+    assert panel_of(handlers, redrawn, "faprompt")[1] is not None  # its overlay, at the final calibration
+    assert all(value == gr.skip() for m in ("inctrl", "anople") for value in panel_of(handlers, redrawn, m))
+    final = redrawn[0]["methods"]
     assert final["faprompt"]["provisional"] is False and final["faprompt"]["calibration"].startswith("leave-one-out")
-    assert not any(entry["provisional"] for entry in final.values())
-    # Python callers of detect get exactly the final outputs.
-    again = handlers.detect(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None, request=session("s1"))
-    assert again[0]["methods"]["faprompt"]["calibration"] == final["faprompt"]["calibration"]
-    # Each method's own progress lands on the session's board, one element per method.
+    assert final["faprompt"]["score"] == last["faprompt"]["score"]  # same answer, final calibration
+    assert final["inctrl"] == last["inctrl"]
+    assert redrawn[-1].outcome("faprompt").provisional is False  # the session state (threshold slider) is final too
     texts = dict(zip(handlers.methods, handlers.progress_texts(session("s1"))))
     assert texts["anople"].startswith("AnoPLe") and texts["faprompt"] == "FAPrompt: done"
+    assert handlers.final_calibrations.sessions() == []
     assert handlers.progress_texts(session("someone else")) == [""] * len(handlers.methods)
+    # Python and API callers of detect get the final outputs at once.
+    again = handlers.detect(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None, request=session("s1"))
+    assert again[0]["methods"]["faprompt"]["calibration"] == final["faprompt"]["calibration"]
+    assert not any(entry["provisional"] for entry in again[0]["methods"].values())
+
+
+def test_a_new_run_or_a_closed_page_drops_the_pending_redraw(files, tmp_path):
+    handlers = make_handlers()
+    normals, query = files
+    other = tmp_path / "other_normal.png"
+    Image.fromarray(synthetic.texture("grain", 3, 64, 77)).save(other)
+    gate = threading.Event()
+    real = handlers.service.calibrate_report
+    handlers.service.calibrate_report = lambda report: gate.wait(GUARD) and real(report)
+    try:
+        list(handlers.detect_stream(normals, query, ["FAPrompt"], "object", 0.5, progress=None, request=session("s5")))
+        assert handlers.final_calibrations.sessions() == ["s5"]
+        assert handlers.tick(0.5, 0.5, "jet", request=session("s5"))[0]["__type__"] == "update"  # nothing landed yet
+        handlers.session_closed(session("s5"))
+        assert handlers.final_calibrations.sessions() == []
+    finally:
+        gate.set()
+    # A Run of other normals in the same session: only its own redraw may land.
+    list(handlers.detect_stream(normals, query, ["FAPrompt"], "object", 0.5, progress=None, request=session("s6")))
+    list(handlers.detect_stream([(str(other), None), normals[0]], query, ["FAPrompt"], "object", 0.5, progress=None,
+                                request=session("s6")))
+    redrawn = tick_until_redrawn(handlers, "s6")
+    assert [image.name for image in redrawn[-1].normals] == ["other_normal.png", "normal0.png"]
+    assert redrawn[0]["methods"]["faprompt"]["provisional"] is False
+    assert handlers.final_calibrations.sessions() == []
 
 
 def test_prefetched_work_is_reused_by_run(files):
@@ -64,11 +131,13 @@ def test_prefetched_work_is_reused_by_run(files):
     status = handlers.prefetch(normals, ["InCTRL", "AnoPLe", "FAPrompt"], "object", request=session("s2"))
     assert status
     handlers.service.prefetcher.job("s2").wait(GUARD)
-    assert handlers.prefetch_status(session("s2")).endswith("ready")
+    assert handlers.prefetch_status(session("s2")).endswith("InCTRL, AnoPLe, FAPrompt on 2 normals: ready")
     fits = handlers.service.fit_count
     outputs = handlers.detect(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None, request=session("s2"))
     assert all(entry["reused_fit"] for entry in outputs[0]["methods"].values())
     assert handlers.service.fit_count == fits
+    # The normals were decoded once, for the background work; the Run decoded only the query.
+    assert handlers.images.misses == len(normals) + 1 and handlers.images.hits == len(normals)
     handlers.session_closed(session("s2"))
     assert handlers.service.prefetcher.job("s2") is None
 

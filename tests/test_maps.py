@@ -229,6 +229,10 @@ def test_overlay_alpha_extremes(rng):
     half = maps.overlay(image, values, alpha=0.5, colormap="turbo")
     expected = (image.astype(np.float32) + maps.colorize(values, "turbo").astype(np.float32)) / 2
     assert np.abs(half.astype(np.float32) - expected).max() <= 0.5
+    assert half.dtype == np.uint8 and half.shape == image.shape
+    third = maps.overlay(image, values, alpha=0.3)
+    exact = 0.7 * image.astype(np.float64) + 0.3 * maps.colorize(values).astype(np.float64)
+    assert np.abs(third.astype(np.float64) - exact).max() <= 1.0  # within one grey level
     with pytest.raises(ValueError):
         maps.overlay(image, values[:5], alpha=0.5)
     with pytest.raises(ValueError):

@@ -94,7 +94,7 @@ def test_a_cancelled_prefetch_leaves_nothing_behind():
     job.wait(GUARD)  # the cancelled fit stops at its next step
     newer = service.prefetcher.job("session-a")
     newer.wait(GUARD)
-    assert newer.status() == "ready"
+    assert newer.status() == "InCTRL on 1 normal: ready"
     assert len(service.cached_keys()) == 1  # only the new normals' fit
     assert service.fit_count == 1 and len(service._key_locks) == 1 and not service._waiters
 
@@ -191,3 +191,51 @@ def test_scheduler_slot_is_reentrant_and_background_is_bounded():
     token.cancel()
     with pytest.raises(Exception, match="cancelled"):
         token.check("stage")
+
+
+class CalibratingDetector(SteppedDetector):
+    """A SteppedDetector whose leave-one-out runs one gated "encoder pass" per normal."""
+
+    def _fit(self, normals, progress):
+        super()._fit(normals, progress)
+        self.means = [float(image.rgb.mean()) for image in normals.images]
+
+    def _leave_one_out(self, progress=None):
+        if len(self.means) < 2:
+            return None
+        outputs = []
+        for index, mean in enumerate(self.means):
+            if progress is not None:
+                progress(index / len(self.means), f"normal {index + 1}")
+            self.probe.passes_started += 1
+            assert self.probe.calibration_gate.wait(GUARD)
+            self.probe.events.append(("calibration-pass", self.name, index))
+            others = [m for j, m in enumerate(self.means) if j != index]
+            outputs.append(MethodOutput(abs(mean - float(np.mean(others))) / 255.0, np.zeros((2, 2), np.float32)))
+        return outputs
+
+
+def test_a_background_calibration_lets_a_request_go_between_its_passes():
+    probe = Probe(steps=1)
+    probe.calibration_gate = threading.Event()
+    probe.passes_started = 0
+    probe.factory = lambda name, **kw: CalibratingDetector(name, probe)
+    service = InspectionService(factory=probe.factory)
+    # The method whose calibration is deferred (its spec's cost says so) is shown provisional.
+    *_, shown = service.iter_inspect(["faprompt"], [flat(10), flat(20), flat(30)], flat(40), defer_final_calibration=True)
+    assert shown.outcomes[0].provisional and shown.outcomes[0].calibration.source == "default"
+    future = service.calibrate_in_background(shown)
+    wait_until(lambda: probe.passes_started == 1, "the calibration's first pass to start")
+    done = threading.Event()
+    threading.Thread(target=lambda: (service.inspect(["faprompt"], [flat(90)], flat(99)), done.set())).start()
+    wait_until(lambda: service.scheduler._foreground_waiting == 1, "the request to wait for the slot")
+    probe.calibration_gate.set()
+    final = future.result(GUARD)
+    assert done.wait(GUARD)
+    assert not final.outcomes[0].provisional and final.outcomes[0].calibration.source == "leave-one-out over 3 normals"
+    assert final.outcomes[0].result is shown.outcomes[0].result  # the same answer, its final calibration
+    passes = [i for i, e in enumerate(probe.events) if e[0] == "calibration-pass"]
+    request = [i for i, e in enumerate(probe.events) if i > passes[0] and e[0] in ("fit-step", "predict")]
+    assert len(request) == 2 and request[0] < passes[1]  # the request's work started between two passes ...
+    assert request[1] < passes[-1]  # ... and it was answered before the calibration ended
+    assert service.calibrate_in_background(final) is None  # nothing provisional is left

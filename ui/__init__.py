@@ -3,7 +3,9 @@
 * ``config``: flags and environment variables (``AppConfig``, ``parse_config``);
 * ``controls``: the method controls built from the registry, the endpoints' input order;
 * ``views``: what is drawn, as pure functions of the service's results;
-* ``handlers``: the event handlers (``InspectionApp``), which call the service;
+* ``handlers``: the event handlers (``InspectionApp``), which call the service; ``batch``
+  (batch mode), ``sessions`` (per-session background calibrations), ``service_calls``
+  (errors and progress of service calls) and ``files`` (upload paths, downloads) beside it;
 * ``layout``: the components, their element ids and events (``build_demo``).
 
 ``app.py`` at the repository root is the entry point Spaces runs.

@@ -5,65 +5,31 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-import threading
-from collections import deque
-from contextlib import contextmanager
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import gradio as gr
 
 from detector import limits, maps
 from detector.errors import DetectorError
-from detector.inspection import BatchResult, agreement, batch_csv, explanation_view, overlays_zip, panel_from_summary, safe_name, save_report
+from detector.image_cache import DecodedImageCache
+from detector.inspection import agreement, explanation_view, panel_from_summary, safe_name, save_report
 from detector.outcomes import InspectionReport
 from detector.registry import list_methods
-from detector.requests import check_batch_size, check_normal_count, form_options, in_registry_order, unique_names
+from detector.requests import check_normal_count, form_options, in_registry_order
 from detector.service import InspectionService
 
 from . import views
 from .config import AppConfig
 from .controls import advanced_parameters, form_values, leading_parameters, method_controls, with_signature
+from .batch import BatchMode, BatchSession
+from .files import DownloadFolder, file_paths, gallery_paths
+from .service_calls import progress_callback, service_errors
+from .sessions import PendingCalibrations
 
 LOG = logging.getLogger("app")
-
-#: Files written for downloads (reports, CSV, ZIP) kept per app before the oldest is removed.
-MAX_DOWNLOAD_FILES = 48
-
-
-class DownloadFolder:
-    """Files offered for download (reports, CSV, ZIP), one sub-folder each so the file keeps
-    its name; beyond ``limit`` files the oldest are removed. Created on first use."""
-
-    def __init__(self, limit: int = MAX_DOWNLOAD_FILES) -> None:
-        self.limit = int(limit)
-        self.root: Path | None = None
-        self._folders: deque[Path] = deque()
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def new_path(self, name: str) -> Path:
-        with self._lock:
-            if self.root is None:
-                self.root = Path(tempfile.mkdtemp(prefix="detector-app-"))
-            self._count += 1
-            folder = self.root / str(self._count)
-            folder.mkdir()
-            self._folders.append(folder)
-            while len(self._folders) > self.limit:
-                shutil.rmtree(self._folders.popleft(), ignore_errors=True)
-        return folder / name
-
-
-@dataclass(frozen=True)
-class BatchSession:
-    """A batch run kept in the session: its result and each image name's uploaded file."""
-
-    result: BatchResult
-    paths: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -75,62 +41,12 @@ class Request:
     options: dict[str, dict[str, Any]]
 
 
-def gallery_paths(gallery: Any) -> list[str]:
-    """Paths from a Gallery value: ``None`` or a list of ``(path, caption)`` / paths / dicts."""
-    paths = []
-    for item in gallery or []:
-        if isinstance(item, (list, tuple)):
-            item = item[0]
-        if isinstance(item, dict):
-            item = (item.get("image") or {}).get("path") if isinstance(item.get("image"), dict) else item.get("path")
-        if item is not None:
-            paths.append(str(item))
-    return paths
-
-
-def file_paths(files: Any) -> list[str]:
-    """Paths from a multi-file ``gr.File`` value."""
-    return [str(item.get("path") if isinstance(item, dict) else item) for item in files or [] if item]
-
-
-def progress_callback(progress: Any) -> Callable[[float, str], None] | None:
-    if progress is None:
-        return None
-
-    def callback(fraction: float, message: str) -> None:
-        progress(fraction, desc=message)
-
-    return callback
-
-
 def _session(request: Any) -> str:
     """The session a request belongs to (``""`` for direct Python calls)."""
     return str(getattr(request, "session_hash", "") or "")
 
 
-@contextmanager
-def service_errors() -> Iterator[None]:
-    """The service's refusals become ``gr.Error`` with their message; anything else is
-    logged and reported without stopping the server."""
-    try:
-        yield
-    except gr.Error:
-        raise
-    except (DetectorError, ValueError) as error:
-        LOG.warning("request refused: %s", error)
-        raise gr.Error(str(error)) from None
-    except Exception as error:  # keep serving; the log has the traceback
-        LOG.exception("inspection failed")
-        raise gr.Error(f"The inspection failed ({type(error).__name__}: {error}). See the server log.") from None
-
-
-def call_service(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the service under ``service_errors``."""
-    with service_errors():
-        return function(*args, **kwargs)
-
-
-class InspectionApp:
+class InspectionApp(BatchMode):
     """The event handlers of one demo.
 
     ``detect`` and ``run_batch`` take the Advanced inputs in endpoint order
@@ -148,6 +64,10 @@ class InspectionApp:
         self.downloads = DownloadFolder()
         #: Per session: what each method of its running request is doing (``#progress-<method>``).
         self.progress_board: dict[str, dict[str, str]] = {}
+        #: Per session: the background job finishing its last Run's provisional calibrations.
+        self.final_calibrations = PendingCalibrations()
+        #: Decoded uploads: the normals are decoded once for the background work and every Run.
+        self.images = DecodedImageCache()
         self.warm_status = "warm start off"
         extra = leading_parameters(["progress", "request"], {"progress": gr.Progress(), "request": None})
         extra[1] = extra[1].replace(annotation=gr.Request)
@@ -194,50 +114,103 @@ class InspectionApp:
 
     # -- the main endpoint -------------------------------------------------------------------------
     def detect_form(self, **form: Any) -> tuple:
-        """``/detect`` for Python callers: the final outputs of ``detect_steps``."""
-        outputs = None
-        for outputs in self.detect_steps(**form):
+        """``/detect``: score the query against the normals with the ticked methods and
+        return the final outputs (every calibration final)."""
+        report = None
+        for report in self.inspection_steps(form, defer_final_calibration=False):
             pass
-        return outputs
+        if report is None:
+            return (*self.empty_outputs(), None)
+        return (*self.render(report, form["threshold"], form["alpha"], form["colormap"]), report)
 
     def detect_steps(self, **form: Any) -> Iterator[tuple]:
-        """``/detect``: score the query against the normals with the ticked methods,
-        yielding the outputs each time a method finishes (API callers get the last, final
-        outputs). Each method's own progress goes to the session's progress board."""
+        """Run in the page: the outputs each time a method finishes, drawing only the panels
+        that changed (the others are left as they are on the page). The stream ends when
+        every method is shown; provisional calibrations are finished as background work and
+        redrawn by the timer (``tick``), so the queue slot is free for other Runs."""
+        drawn: dict[str, Any] | None = None
+        for report in self.inspection_steps(form, defer_final_calibration=True):
+            if report is None:
+                yield (*self.empty_outputs(), None)
+                continue
+            changed = None if drawn is None else {o.method for o in report.outcomes if drawn.get(o.method) is not o}
+            drawn = {o.method: o for o in report.outcomes}
+            yield (*self.render(report, form["threshold"], form["alpha"], form["colormap"], methods=changed), report)
+
+    def inspection_steps(self, form: Mapping[str, Any], *, defer_final_calibration: bool) -> Iterator[InspectionReport | None]:
+        """The report each time a method finishes (``None`` alone when no method is ticked).
+        Each method's own progress goes to the session's progress board."""
         query = form.get("query")
         if query is None or query == "":
             raise gr.Error("Upload a query image (the image to inspect) first.")
         request = self.request(form.get("normals"), form.get("methods"), form)
         if request is None:
-            yield (*self.empty_outputs(), None)
+            yield None
             return
         session = _session(form.get("request"))
+        self.final_calibrations.drop(session)  # an earlier Run's redraw would cover this one
         board = self.progress_board.setdefault(session, {})
         board.clear()
         board.update({m: f"{views.display_name(m)}: waiting" for m in request.methods})
+        with service_errors():
+            normals = [self.images.load(path) for path in request.normals]
+            query = self.images.load(query)
         steps = self.service.iter_inspect(
             request.methods,
-            request.normals,
+            normals,
             query,
             class_name=views.object_word(form.get("object_name")),
             options=request.options,
             progress=progress_callback(form.get("progress")),
             method_progress=lambda method, message: board.__setitem__(method, message),
             timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
+            defer_final_calibration=defer_final_calibration,
         )
+        report = None
         try:
             while True:
                 with service_errors():
-                    report = next(steps, None)
-                if report is None:
-                    return
-                yield (*self.render(report, form["threshold"], form["alpha"], form["colormap"]), report)
+                    step = next(steps, None)
+                if step is None:
+                    break
+                report = step
+                yield report
         finally:
             steps.close()
+        if report is not None:
+            future = self.service.calibrate_in_background(report)
+            if future is not None:
+                self.final_calibrations.start(session, future, [o.method for o in report.outcomes if o.provisional])
 
-    def tick(self, request: gr.Request = None) -> tuple:
-        """The timer's refresh: each method's progress, the background work, the server."""
-        return (*self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}")
+    def tick(self, threshold: float = 0.5, alpha: float = 0.5, colormap: str = "jet", request: gr.Request = None) -> tuple:
+        """The timer's refresh: the final outputs when the session's background calibration
+        has landed (else nothing changes), each method's progress, the background work, the
+        server. The outputs follow ``layout``: render outputs and state, then the texts."""
+        redraw = self.landed_calibration(threshold, alpha, colormap, request)
+        return (*redraw, *self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}")
+
+    def landed_calibration(self, threshold: float, alpha: float, colormap: str, request: gr.Request = None) -> tuple:
+        """The render outputs and state of the session's final report once its background
+        calibration has ended; ``gr.skip()`` for each while it runs (or when it failed, which
+        the method's progress text then says: its default calibration stays on screen)."""
+        unchanged = tuple(gr.skip() for _ in range(self.num_render_outputs + 1))
+        session = _session(request)
+        job = self.final_calibrations.landed(session)
+        if job is None:
+            return unchanged
+        board = self.progress_board.setdefault(session, {})
+        try:
+            report = job.future.result()
+        except CancelledError:
+            return unchanged
+        except Exception as error:  # the provisional answer stays; say why
+            LOG.exception("background calibration failed")
+            for method in job.methods:
+                board[method] = f"{views.display_name(method)}: calibration failed ({error}); the default calibration stays"
+            return unchanged
+        for method in job.methods:
+            board[method] = f"{views.display_name(method)}: done"
+        return (*self.render(report, threshold, alpha, colormap, methods=job.methods), report)
 
     def progress_texts(self, request: gr.Request = None) -> list[str]:
         """``#progress-<method>`` of the session: what each method of its request is doing;
@@ -262,10 +235,10 @@ class InspectionApp:
         session = _session(form.get("request"))
         try:
             chosen = self.chosen_methods(form.get("methods"))
-            paths = gallery_paths(form.get("normals"))
+            normals = [self.images.load(path) for path in gallery_paths(form.get("normals"))]
             options = form_options(form_values(self.controls, form), form.get("sigma"), methods=self.methods)
             job = self.service.prefetcher.start(
-                session, chosen, paths, class_name=views.object_word(form.get("object_name")), options=options
+                session, chosen, normals, class_name=views.object_word(form.get("object_name")), options=options
             )
         except (gr.Error, DetectorError, ValueError, TypeError) as error:
             return f"not prefetched: {error}"
@@ -289,6 +262,7 @@ class InspectionApp:
         """The page closed: cancel its background work and forget its progress."""
         session = _session(request)
         self.service.prefetcher.cancel(session)
+        self.final_calibrations.drop(session)
         self.progress_board.pop(session, None)
 
     def warm_start(self, methods: Sequence[str] | None = None) -> None:
@@ -333,10 +307,17 @@ class InspectionApp:
         return self.example_reports.get(key)
 
     # -- drawing ---------------------------------------------------------------------------------
-    def render(self, report: InspectionReport, threshold: float, alpha: float, colormap: str) -> tuple:
+    def render(
+        self, report: InspectionReport, threshold: float, alpha: float, colormap: str, methods: Collection[str] | None = None
+    ) -> tuple:
+        """Every output of ``report``; with ``methods``, only those methods' panels are drawn
+        and the other panels are left as they are (``gr.skip()``)."""
         threshold = float(threshold)
         per_method: list[Any] = []
         for method in self.methods:
+            if methods is not None and method not in methods:
+                per_method += [gr.skip()] * views.PANEL_OUTPUTS
+                continue
             per_method += views.method_panel(method, report.outcome(method), report.query.rgb, threshold, alpha, colormap)
         banner, _ = views.banner_markdown(self.service, self.methods)
         return (
@@ -380,7 +361,7 @@ class InspectionApp:
 
     @property
     def num_render_outputs(self) -> int:
-        return 4 + 5 * len(self.methods) + 3
+        return 4 + views.PANEL_OUTPUTS * len(self.methods) + 3
 
     # -- inspection views ----------------------------------------------------------------------
     def explain(self, method: str, report: Any, summary: Any, event: gr.SelectData) -> tuple:
@@ -424,58 +405,6 @@ class InspectionApp:
         path = self.downloads.new_path(f"report_{safe_name(name)}.png")
         save_report(path, report.query.rgb, [n.rgb for n in report.normals], panels, subtitle=subtitle)
         return str(path)
-
-    # -- batch mode ---------------------------------------------------------------------------------
-    def batch_form(self, **form: Any) -> tuple:
-        """Score every uploaded query against the normals with the ticked methods."""
-        paths = file_paths(form.get("files"))
-        if not paths:
-            raise gr.Error("Upload the query images of the batch first.")
-        try:
-            check_batch_size(len(paths), noun="uploaded")
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        request = self.request(form.get("normals"), form.get("methods"), form)
-        if request is None:
-            return (gr.skip(),) * 5
-        named = unique_names(paths)
-        result = call_service(
-            self.service.batch,
-            request.methods,
-            request.normals,
-            named,
-            class_name=views.object_word(form.get("object_name")),
-            options=request.options,
-            threshold=float(form["threshold"]),
-            alpha=float(form["alpha"]),
-            colormap=form["colormap"],
-            progress=progress_callback(form.get("progress")),
-        )
-        session = BatchSession(result, dict(named))
-        archive = self.downloads.new_path("overlays.zip")
-        archive.write_bytes(overlays_zip(result.overlays))
-        return (*self.render_batch(session, form["threshold"]), str(archive), session)
-
-    def render_batch(self, session: Any, threshold: float) -> tuple:
-        """``(flagged counts, ranked table, CSV file)`` at ``threshold``; no model runs."""
-        if not isinstance(session, BatchSession):
-            return gr.skip(), gr.skip(), gr.skip()
-        rows = views.batch_rows_at(session.result.rows, threshold)
-        table = self.downloads.new_path("batch.csv")
-        table.write_text(batch_csv(rows), encoding="utf-8")
-        return views.flagged_markdown(rows, threshold, session.result.errors), views.batch_table(rows), str(table)
-
-    def open_batch_row(self, session: Any, event: gr.SelectData) -> tuple:
-        """A click on a batch row: that image becomes the query of the single view."""
-        if not isinstance(session, BatchSession):
-            raise gr.Error("Run a batch first.")
-        row = event.row_value if event.row_value is not None else []
-        column = views.BATCH_HEADERS.index("image")
-        name = row[column] if len(row) > column else None
-        path = session.paths.get(str(name))
-        if path is None:
-            raise gr.Error(f"No uploaded image is called {name!r}.")
-        return path, gr.Tabs(selected="single")
 
     # -- small views -----------------------------------------------------------------------------
     def column_visibility(self, methods: Sequence[str] | None) -> list:

@@ -23,6 +23,9 @@ from .handlers import InspectionApp
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = ROOT / "assets"
+#: How often the page asks for progress and for a landed background calibration (seconds);
+#: a final calibration is redrawn at most this long after it lands.
+TICK_SECONDS = 0.5
 TITLE = "CLIP anomaly inspection: InCTRL · AnoPLe · FAPrompt"
 
 CSS = """
@@ -270,14 +273,25 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         named_inputs = {"alpha": alpha, "colormap": colormap, "sigma": sigma, **controls}
         advanced_inputs = [named_inputs[name] for name in advanced_names(handlers.controls)]
 
+        # The page's Run streams each method as it finishes and leaves provisional
+        # calibrations to the background (the timer redraws them); /detect, for API callers,
+        # answers once with every calibration final. Both take the same inputs.
         run.click(
             handlers.detect_stream,
+            inputs=main_inputs + advanced_inputs,
+            outputs=render_outputs + [state],
+            api_visibility="private",
+            time_limit=limits.REQUEST_TIMEOUT_SECONDS,
+        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        detect_button = gr.Button("detect", visible=False)
+        detect_button.click(
+            handlers.detect,
             inputs=main_inputs + advanced_inputs,
             outputs=render_outputs + [state],
             api_name="detect",
             api_description="Score a query against 0-8 normal images with the chosen methods. Returns a JSON summary, then images.",
             time_limit=limits.REQUEST_TIMEOUT_SECONDS,
-        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        )
         for control in (threshold, alpha, colormap):
             control.change(
                 handlers.rerender,
@@ -295,7 +309,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         )
         method_choice.change(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
         normals.change(handlers.shots_text, inputs=[normals], outputs=[shots], api_visibility="private", queue=False)
-        clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::5],
+        clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::views.PANEL_OUTPUTS],
                    agreement_image, explanation_query, explanation_normal, report_download])
 
         # Inspection views: all from the session's report, no model runs.
@@ -351,10 +365,12 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             api_description="Start the fits and calibrations of these normals, methods and options; returns when ready.",
             concurrency_id="prefetch", concurrency_limit=limits.MAX_QUEUED_JOBS, time_limit=limits.REQUEST_TIMEOUT_SECONDS,
         )
-        ticker = gr.Timer(0.5)
+        ticker = gr.Timer(TICK_SECONDS)
         ticker.tick(
             handlers.tick,
-            outputs=[*progress_texts, prefetch_status, warm_status], api_visibility="private", queue=False, show_progress="hidden",
+            inputs=[threshold, alpha, colormap],
+            outputs=[*render_outputs, state, *progress_texts, prefetch_status, warm_status],
+            api_visibility="private", queue=False, show_progress="hidden",
         )
         demo.unload(handlers.session_closed)
 

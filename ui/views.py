@@ -148,10 +148,15 @@ def table_rows(report: InspectionReport, threshold: float) -> list[list[Any]]:
     return rows
 
 
+#: Outputs of one method's column (``method_panel``).
+PANEL_OUTPUTS = 5
+
+
 def method_panel(
     method: str, outcome: MethodOutcome | None, query: np.ndarray, threshold: float, alpha: float, colormap: str
 ) -> list[Any]:
-    """A method's column: verdict, calibrated overlay, region at the threshold, raw grid, weights."""
+    """A method's column (``PANEL_OUTPUTS`` values): verdict, calibrated overlay, region at
+    the threshold, raw grid, weights."""
     if outcome is None:
         return ["", None, None, None, weights_markdown(method, None)]
     calibrated = outcome.calibrated_map()

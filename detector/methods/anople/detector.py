@@ -218,7 +218,7 @@ class AnoPLeDetector(Detector):
         return self.module.health.warnings() if self.module is not None else ()
 
     # ------------------------------------------------------------------ calibration / inspection
-    def _leave_one_out(self) -> list[MethodOutput] | None:
+    def _leave_one_out(self, progress: ProgressCallback | None = None) -> list[MethodOutput] | None:
         """Each fitted normal scored against a memory bank without its own patches
         (prompts not refitted)."""
         self._check_ready()

@@ -149,16 +149,18 @@ class FAPromptDetector(Detector):
         self._normals = normals
         self._normal_outputs = None
 
-    def _leave_one_out(self) -> list[MethodOutput] | None:
+    def _leave_one_out(self, progress: ProgressCallback | None = None) -> list[MethodOutput] | None:
         """The fitted normals scored as queries, one at a time as ``predict`` does
         (zero-shot: a normal's score never depends on the other normals); ``None`` with
-        fewer than 2 normals."""
+        fewer than 2 normals. ``progress`` is called before each normal's encoder pass."""
         normals = self._normals
         if normals is None or len(normals) < 2:
             return None
         if self._normal_outputs is None:
             outputs = []
             for index in range(len(normals)):
+                if progress is not None:
+                    progress(index / len(normals), f"normal {index + 1} of {len(normals)}")
                 one = normals.select([index])
                 outputs.extend(self._score(self._encode(one), one))
             self._normal_outputs = outputs

@@ -270,7 +270,7 @@ class InCTRLDetector(Detector):
         return results
 
     # -- calibration and explanations ---------------------------------------------------------
-    def _leave_one_out(self) -> list[MethodOutput] | None:
+    def _leave_one_out(self, progress: ProgressCallback | None = None) -> list[MethodOutput] | None:
         """Each fitted normal scored against the other ones, from cached features."""
         bank = self._bank
         if bank is None or len(bank.geometries) < 2:
