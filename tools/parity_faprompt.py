@@ -2,7 +2,8 @@
 
 Usage::
 
-    python tools/parity_faprompt.py --official /path/to/FAPrompt [--images 3] [--workdir DIR]
+    python tools/parity_faprompt.py --official /path/to/FAPrompt [--images 3] [--workdir DIR] \
+        [--runtime torch openvino]
 
 ``--official`` is a checkout of github.com/mala-lab/FAPrompt (commit 7e9d9d2 or later), kept
 outside this repository; nothing of it is copied here. The script
@@ -15,20 +16,28 @@ outside this repository; nothing of it is copied here. The script
    ``{"prompt_learner": state_dict}``; the image scores and the two per-pass similarity
    tensors are captured by wrapping the official functions that receive them;
 3. builds ``create_detector("faprompt", backbone="ViT-L-14-336", backbone_weights=<file>,
-   checkpoint=<file>)`` and compares ``score`` and ``raw_map`` (37 x 37, docs/api.md §5) with the
-   official values, plus the official 518 x 518 smoothed map with ours before the final
-   resize;
-4. prints the maximum absolute differences and exits non-zero when one exceeds the tolerance.
+   checkpoint=<file>, runtime=R)`` and compares ``score`` and ``raw_map`` (37 x 37, docs/api.md
+   §5) with the official values, plus the official 518 x 518 smoothed map with ours before the
+   final resize; once per runtime ``R`` given with ``--runtime`` (one or more of ``torch``,
+   ``openvino``, ``auto``; default ``DETECTOR_RUNTIME`` when set, else ``auto``, docs/api.md
+   §20), one detector at a time, against the same official run. Converted OpenVINO models go
+   to ``DETECTOR_CACHE_DIR`` (default here: ``<workdir>/cache``);
+4. prints the maximum absolute differences with the runtime each detector actually used and
+   exits non-zero when one exceeds the tolerance, or when a runtime asked for explicitly
+   (``torch`` / ``openvino``) is not the one in use (a failed OpenVINO conversion falls back to
+   PyTorch, and that run would not test OpenVINO).
 
 The official code needs ``thop``, ``iopath``, ``tabulate``, ``scikit-image`` and
 ``pkg_resources``, which play no part in inference; when they are not installed, the worker
 process registers empty stand-ins for them. ViT-L at 518 px costs about 15-30 s per image per
-implementation on two CPU cores; the whole run takes a few minutes and ~8 GB of memory.
+implementation on two CPU cores; the whole run takes a few minutes and ~8 GB of memory, and the
+OpenVINO conversion of the ViT-L path peaks at about 10.5 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -48,6 +57,9 @@ IMAGE_SHAPES = ((450, 600, False), (500, 300, True), (518, 518, False), (240, 32
 CLIP_SEED = 7
 LEARNER_SEED = 123
 DESIGN = {"Prompt_length": 12, "learnabel_text_embedding_depth": 9, "learnabel_text_embedding_length": 4}
+#: Values of ``--runtime`` (``detector.runtime.RUNTIMES``; not imported here, so the official
+#: worker never imports ``detector``).
+RUNTIMES = ("torch", "openvino", "auto")
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def official_worker(official: Path, workdir: Path) -> None:
 # -- our side -----------------------------------------------------------------------------------
 
 
-def ours(workdir: Path, images: list[Path]) -> dict[str, np.ndarray]:
+def ours(workdir: Path, images: list[Path], runtime: str) -> dict[str, np.ndarray]:
     sys.path.insert(0, str(REPO))
     from detector import create_detector, maps
 
@@ -226,6 +238,7 @@ def ours(workdir: Path, images: list[Path]) -> dict[str, np.ndarray]:
         backbone="ViT-L-14-336",
         backbone_weights=str(workdir / "clip_random.pt"),
         checkpoint=str(workdir / "official_prompt_learner.pth"),
+        runtime=runtime,
     )
     scores, raw_maps, smoothed, seconds = [], [], [], []
     for path in images:
@@ -252,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the files and keep them (default: a temporary folder, removed at the end)",
     )
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument(
+        "--runtime", nargs="+", choices=RUNTIMES, default=None,
+        help="runtime(s) of our side, each compared with the same official run (default: DETECTOR_RUNTIME, else auto)",
+    )
     parser.add_argument("--official-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,15 +281,22 @@ def main(argv: list[str] | None = None) -> int:
     if not (official / "test.py").is_file() or not (official / "FAPrompt.py").is_file():
         parser.error(f"{official} is not a FAPrompt checkout (test.py / FAPrompt.py missing)")
 
+    os.environ.setdefault("DETECTOR_CACHE_DIR", str(workdir / "cache"))
+    sys.path.insert(0, str(REPO))
+    from detector.runtime import default_runtime
+
+    runtimes = list(dict.fromkeys(args.runtime or [default_runtime()]))
+    print(f"runtime(s) of our side: {', '.join(runtimes)} (OpenVINO cache {os.environ['DETECTOR_CACHE_DIR']})")
     try:
-        return compare(official, workdir, args.images, args.tolerance)
+        return compare(official, workdir, args.images, args.tolerance, runtimes)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def compare(official: Path, workdir: Path, count: int, tolerance: float) -> int:
-    """Run both implementations and print the differences; 0 when within ``tolerance``."""
+def compare(official: Path, workdir: Path, count: int, tolerance: float, runtimes: list[str]) -> int:
+    """Run both implementations (ours once per runtime) and print the differences; 0 when
+    every runtime is within ``tolerance`` and is the one that ran."""
     count = max(1, min(count, len(IMAGE_SHAPES)))
     images = write_inputs(workdir, count)
     print(f"work directory: {workdir}")
@@ -282,30 +306,47 @@ def compare(official: Path, workdir: Path, count: int, tolerance: float) -> int:
         check=True,
     )
     reference = np.load(workdir / "official.npz")
-    print("running detector.methods.faprompt ...", flush=True)
-    mine = ours(workdir, images)
-
     grid = int(round(reference["pass1"].shape[1] ** 0.5))
     p1, p2 = reference["pass1"], reference["pass2"]
     official_raw = ((p1[..., 1] + 1 - p1[..., 0] + p2[..., 1] + 1 - p2[..., 0]) / 4).reshape(-1, grid, grid)
-    score_diff = np.abs(reference["scores"] - mine["scores"])
-    raw_diff = np.abs(official_raw - mine["raw_maps"]).reshape(len(images), -1).max(axis=1)
-    smooth_diff = np.abs(reference["smoothed"] - mine["smoothed"]).reshape(len(images), -1).max(axis=1)
-    print(f"backbone: {mine['describe']['backbone']} ({mine['describe']['backbone_weights']}), grid {grid}x{grid}")
-    for i, path in enumerate(images):
-        print(
-            f"{path.name}: score official {reference['scores'][i]:.6f} ours {mine['scores'][i]:.6f} "
-            f"|diff| {score_diff[i]:.2e}; raw_map max |diff| {raw_diff[i]:.2e} "
-            f"(official range {official_raw[i].min():.4f}..{official_raw[i].max():.4f}); "
-            f"518px smoothed map max |diff| {smooth_diff[i]:.2e}; ours {mine['seconds'][i]:.1f} s"
+    print(f"pass 1 vs pass 2 (effect of the prior) in the official output: max |diff| {np.abs(p1 - p2).max():.3e}")
+    failed: list[str] = []
+    summary: list[str] = []
+    for runtime in runtimes:
+        print(f"running detector.methods.faprompt, runtime {runtime} ...", flush=True)
+        mine = ours(workdir, images, runtime)
+        gc.collect()  # one detector at a time (ViT-L, and the OpenVINO conversion's peak)
+        facts = {k: v for k, v in mine["describe"].items() if k.startswith("runtime")}
+        in_use = facts["runtime"]
+        score_diff = np.abs(reference["scores"] - mine["scores"])
+        raw_diff = np.abs(official_raw - mine["raw_maps"]).reshape(len(images), -1).max(axis=1)
+        smooth_diff = np.abs(reference["smoothed"] - mine["smoothed"]).reshape(len(images), -1).max(axis=1)
+        details = ", ".join(f"{k} {v}" for k, v in facts.items() if k != "runtime")
+        print(f"backbone: {mine['describe']['backbone']} ({mine['describe']['backbone_weights']}), grid {grid}x{grid}")
+        print(f"runtime requested {runtime}, in use {in_use} ({details})")
+        for i, path in enumerate(images):
+            print(
+                f"{path.name}: score official {reference['scores'][i]:.6f} ours {mine['scores'][i]:.6f} "
+                f"|diff| {score_diff[i]:.2e}; raw_map max |diff| {raw_diff[i]:.2e} "
+                f"(official range {official_raw[i].min():.4f}..{official_raw[i].max():.4f}); "
+                f"518px smoothed map max |diff| {smooth_diff[i]:.2e}; ours {mine['seconds'][i]:.1f} s"
+            )
+        line = (
+            f"{runtime} -> {in_use}: max |score diff| = {score_diff.max():.3e}, max |raw_map diff| = "
+            f"{raw_diff.max():.3e}, max |518px map diff| = {smooth_diff.max():.3e}"
         )
-    prior_effect = np.abs(p1 - p2).max()
-    print(f"pass 1 vs pass 2 (effect of the prior) in the official output: max |diff| {prior_effect:.3e}")
-    worst = max(score_diff.max(), raw_diff.max())
-    print(f"max |score diff| = {score_diff.max():.3e}, max |raw_map diff| = {raw_diff.max():.3e}, "
-          f"max |518px map diff| = {smooth_diff.max():.3e}, tolerance {tolerance:g}")
-    if worst > tolerance or smooth_diff.max() > tolerance:
-        print("PARITY FAILED")
+        summary.append(line)
+        if max(score_diff.max(), raw_diff.max(), smooth_diff.max()) > tolerance:
+            failed.append(f"{runtime}: difference over {tolerance:g}")
+        if facts.get("runtime_warning") or (runtime != "auto" and in_use != runtime):
+            problem = facts.get("runtime_warning") or f"asked for {runtime}, ran {in_use}"
+            print(f"runtime {runtime} NOT TESTED: {problem}")
+            failed.append(f"runtime {runtime} ({problem})")
+    print(f"\nmax abs differences over {len(images)} images (tolerance {tolerance:g}), requested -> in use:")
+    for line in summary:
+        print(f"  {line}")
+    if failed:
+        print(f"PARITY FAILED: {'; '.join(failed)}")
         return 1
     print("PARITY OK")
     return 0

@@ -3,7 +3,8 @@
 Usage::
 
     git clone https://github.com/mala-lab/InCTRL /tmp/InCTRL      # outside this repository
-    HF_HUB_OFFLINE=1 python tools/parity_inctrl.py /tmp/InCTRL [--work DIR] [--shots 2 4 8]
+    HF_HUB_OFFLINE=1 python tools/parity_inctrl.py /tmp/InCTRL [--work DIR] [--shots 2 4 8] \
+        [--runtime torch openvino] [--reuse-official]
 
 What it does:
 
@@ -23,10 +24,17 @@ What it does:
    ``max_patch_residual = 2 * score - holistic_score``, ``M = holistic_map - max(holistic_map)
    + max_patch_residual`` and ``text_score = max(holistic_map) - image_residual_score -
    max_patch_residual`` follow exactly (up to float32 rounding);
-4. runs ``create_detector("inctrl", checkpoint=checkpoint.pyth, ...)`` on the same files
-   (``predict`` and ``predict_batch``) and prints the largest absolute differences.
+4. runs ``create_detector("inctrl", checkpoint=checkpoint.pyth, runtime=R, ...)`` on the same
+   files (``predict`` and ``predict_batch``) once per runtime ``R`` given with ``--runtime``
+   (one or more of ``torch``, ``openvino``, ``auto``; default ``DETECTOR_RUNTIME`` when set,
+   else ``auto``, docs/api.md §20) and prints the largest absolute differences, one column
+   per runtime, with the runtime each detector actually used. The official side runs once
+   for all of them. Converted OpenVINO models go to ``DETECTOR_CACHE_DIR`` (default here:
+   ``<work>/cache``, so the random weights do not fill the user cache).
 
-Exits with status 1 when any difference exceeds ``--tolerance`` (default 1e-4).
+Exits with status 1 when any difference exceeds ``--tolerance`` (default 1e-4), or when a
+runtime asked for explicitly (``torch`` / ``openvino``) is not the one in use (e.g. the
+OpenVINO conversion failed and PyTorch ran instead: that run would not test OpenVINO).
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ QUERIES = (
 )
 NORMAL_SIZES = ((240, 240), (320, 256), (260, 390), (240, 240), (480, 360), (250, 250), (333, 517), (300, 300))
 COMPONENTS = ("score", "text_score", "image_residual_score", "holistic_score", "max_patch_residual")
+#: Values of ``--runtime`` (``detector.runtime.RUNTIMES``; not imported here, so the official
+#: side never imports ``detector``).
+RUNTIMES = ("torch", "openvino", "auto")
 
 
 # -- official side (runs in its own process, never imports ``detector``) -----------------------
@@ -234,7 +245,9 @@ def write_images(work: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return normals, queries
 
 
-def run_ours(job: dict, out_file: Path) -> None:
+def run_ours(job: dict, out_file: Path, runtime: str) -> dict:
+    """Our detector with ``runtime`` on every (k, query); writes an ``.npz`` and returns the
+    runtime facts of ``describe()`` (``runtime``, ``runtime_requested``, ...)."""
     from detector import create_detector
 
     results: dict[str, np.ndarray] = {}
@@ -242,7 +255,9 @@ def run_ours(job: dict, out_file: Path) -> None:
     for shots in job["shots"]:
         for q, (path, class_name) in enumerate(job["queries"]):
             if class_name not in detectors:
-                detectors[class_name] = create_detector("inctrl", checkpoint=job["checkpoint"], class_name=class_name)
+                detectors[class_name] = create_detector(
+                    "inctrl", checkpoint=job["checkpoint"], class_name=class_name, runtime=runtime
+                )
             detector = detectors[class_name].fit(job["normals"][:shots])
             result = detector.predict(path)
             key = f"k{shots}_q{q}"
@@ -250,7 +265,7 @@ def run_ours(job: dict, out_file: Path) -> None:
             for name in COMPONENTS[1:]:
                 results[f"{key}_{name}"] = np.float64(result.extras[name])
             results[f"{key}_raw_map"] = result.raw_map.astype(np.float64)
-            print(f"ours     k={shots} query {q}: score {result.score:.6f}", flush=True)
+            print(f"ours ({runtime}) k={shots} query {q}: score {result.score:.6f}", flush=True)
         # predict_batch must equal predict
         for class_name, detector in detectors.items():
             detector.fit(job["normals"][:shots])
@@ -260,6 +275,19 @@ def run_ours(job: dict, out_file: Path) -> None:
                 results[f"k{shots}_q{q}_batch_score"] = np.float64(result.score)
                 results[f"k{shots}_q{q}_batch_raw_map"] = result.raw_map.astype(np.float64)
     np.savez(out_file, **results)
+    facts = [{k: v for k, v in d.describe().items() if k.startswith("runtime")} for d in detectors.values()]
+    in_use = sorted({f["runtime"] for f in facts})
+    warnings = sorted({f["runtime_warning"] for f in facts if f.get("runtime_warning")})
+    return {**facts[0], "runtime": "+".join(in_use), "warnings": warnings}
+
+
+def runtime_problem(requested: str, facts: dict) -> str | None:
+    """Why the run with ``requested`` does not test that runtime, or ``None``."""
+    if facts["warnings"]:
+        return "; ".join(facts["warnings"])
+    if requested != "auto" and facts["runtime"] != requested:
+        return f"asked for {requested}, ran {facts['runtime']}"
+    return None
 
 
 def compare(job: dict, official: dict, ours: dict) -> dict[str, float]:
@@ -282,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("parity_inctrl_work"), help="folder for the checkpoint, images and outputs")
     parser.add_argument("--shots", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument(
+        "--runtime", nargs="+", choices=RUNTIMES, default=None,
+        help="runtime(s) of our side, each compared with the same official run (default: DETECTOR_RUNTIME, else auto)",
+    )
     parser.add_argument("--reuse-official", action="store_true", help="reuse official.npz of an earlier run with the same job")
     parser.add_argument("--official-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -292,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DETECTOR_CACHE_DIR", str(work / "cache"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from detector.runtime import default_runtime
+
+    runtimes = list(dict.fromkeys(args.runtime or [default_runtime()]))
+    print(f"runtime(s) of our side: {', '.join(runtimes)} (OpenVINO cache {os.environ['DETECTOR_CACHE_DIR']})")
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "checkpoint.pyth"
     count = build_random_checkpoint(checkpoint)
@@ -308,16 +345,30 @@ def main(argv: list[str] | None = None) -> int:
     if not reuse:
         command = [sys.executable, str(Path(__file__).resolve()), str(args.official), "--work", str(work), "--official-side"]
         subprocess.run(command, check=True, cwd=str(work))
-    print(f"official side: {time.perf_counter() - start:.1f} s")
-    start = time.perf_counter()
-    run_ours(job, work / "ours.npz")
-    print(f"our side: {time.perf_counter() - start:.1f} s")
+    print(f"official side: {time.perf_counter() - start:.1f} s" + (" (reused official.npz)" if reuse else ""))
+    official = dict(np.load(work / "official.npz"))
+    worst: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    for runtime in runtimes:
+        start = time.perf_counter()
+        facts = run_ours(job, work / f"ours_{runtime}.npz", runtime)
+        details = ", ".join(f"{k} {v}" for k, v in facts.items() if k not in ("runtime", "warnings"))
+        print(f"our side, runtime {runtime}: {time.perf_counter() - start:.1f} s; in use: {facts['runtime']} ({details})")
+        worst[runtime] = compare(job, official, dict(np.load(work / f"ours_{runtime}.npz")))
+        problem = runtime_problem(runtime, facts)
+        if problem:
+            print(f"runtime {runtime} NOT TESTED: {problem}")
+            failed.append(f"runtime {runtime} ({problem})")
+        worst[f"{runtime} -> {facts['runtime']}"] = worst.pop(runtime)
 
-    worst = compare(job, dict(np.load(work / "official.npz")), dict(np.load(work / "ours.npz")))
-    print(f"\nmax abs differences over {len(queries)} queries (tolerance {args.tolerance:g}):")
-    for name, value in worst.items():
-        print(f"  {name:32s} {value:.3e}")
-    failed = [name for name, value in worst.items() if not value <= args.tolerance]
+    columns = list(worst)
+    print(f"\nmax abs differences over {len(queries)} queries (tolerance {args.tolerance:g}), requested -> in use:")
+    print(f"  {'':32s} " + " ".join(f"{c:>18s}" for c in columns))
+    for name in worst[columns[0]]:
+        print(f"  {name:32s} " + " ".join(f"{worst[c][name]:18.3e}" for c in columns))
+    for column in columns:
+        failed += [f"{column}: {name}" for name, value in worst[column].items() if not value <= args.tolerance]
+        print(f"  largest over all outputs, {column}: {max(worst[column].values()):.3e}")
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1
