@@ -4,7 +4,8 @@ For every method that declares an image path, ``runtime="openvino"`` equals
 ``runtime="torch"`` on ``score`` and ``raw_map`` to 1e-4 (square and non-square queries,
 k = 1 and 4, ``predict`` and ``predict_batch``); a second process reuses the saved model; a
 corrupted or stale entry is rebuilt; a failing conversion falls back to PyTorch with a
-warning. The rest of the suite runs ``DETECTOR_RUNTIME=torch`` (conftest.py); these tests
+warning. Paths with fixed-shape inputs besides the images take new input values without a
+new conversion. The rest of the suite runs ``DETECTOR_RUNTIME=torch`` (conftest.py); these tests
 ask for their runtime explicitly and use their own cache directory.
 """
 
@@ -260,6 +261,47 @@ def test_threads_follow_torch(cache_dir):
     finally:
         torch.set_num_threads(previous)
         rt.clear_runtime_cache()
+
+
+# -- fixed-shape inputs besides the images (learned state that changes at every fit) ------------
+
+
+class WithInputs(torch.nn.Module):
+    """``forward(images (B, 3, S, S), offset (3,), mix (2, 3)) -> ((B, 3), (B, 2))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, images: torch.Tensor, offset: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.conv(images).mean(dim=(2, 3)) + offset
+        return pooled, pooled @ mix.t()
+
+
+def test_extra_inputs_stay_inputs_of_the_converted_model(cache_dir):
+    module = WithInputs().eval()
+    inputs = (rt.TensorInput("offset", (3,)), rt.TensorInput("mix", (2, 3)))
+    path = rt.ImagePath("test.extra-inputs", "toy", 16, module, module, ("pooled", "mixed"), inputs)
+    before = rt.conversion_count()
+    choice = rt.choose_runtime("openvino", path)
+    assert choice.runtime == "openvino", choice.warning
+    assert rt.conversion_count() == before + 1
+    for seed, batch in ((1, 3), (2, 1)):  # new input values and batch sizes, the same model
+        generator = torch.Generator().manual_seed(seed)
+        args = (torch.randn(batch, 3, 16, 16, generator=generator), torch.randn(3, generator=generator), torch.randn(2, 3, generator=generator))
+        with torch.no_grad():
+            expected = module(*args)
+        got = choice.run(*args)
+        assert [tuple(g.shape) for g in got] == [(batch, 3), (batch, 2)]
+        assert max(float((g - e).abs().max()) for g, e in zip(got, expected)) <= 1e-5
+    assert rt.choose_runtime("openvino", path).run is choice.run and rt.conversion_count() == before + 1
+    with pytest.raises(ValueError, match="2 more inputs"):
+        choice.run(torch.zeros(1, 3, 16, 16), torch.zeros(3))
+    key = rt.cache_key(path)
+    assert key.inputs == "offset:3,mix:2x3" and key.record()["inputs"] == key.inputs
+    images_only = rt.cache_key(rt.ImagePath("test.images-only", "toy", 16, module, module))
+    assert "inputs" not in images_only.record()  # keys of images-only paths are as before
 
 
 # -- the official architectures at random init (slow) ------------------------------------------
