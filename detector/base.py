@@ -41,7 +41,7 @@ from .images import LoadedImage, load_image
 from .preprocess import Preprocess, preprocess_batch
 from .progress import ProgressCallback
 from .results import Box, DetectionResult, Description, Explanation
-from .runtime import ImagePath, RuntimeChoice, check_runtime, choose_runtime
+from .runtime import ImagePath, RuntimeChoice, TensorInput, check_runtime, choose_runtime
 from .spec import MethodSpec
 from .pipeline import BackboneChoice, MethodOutput, PreparedBatch
 from .timing import Stopwatch
@@ -259,12 +259,23 @@ class Detector(abc.ABC):
         return None
 
     # -- runtime ------------------------------------------------------------------------------
-    def declare_image_path(self, name: str, module: torch.nn.Module, outputs: Sequence[str] = ()) -> ImagePath:
-        """An ``ImagePath`` of ``module`` (``forward(images (B, 3, S, S))`` -> tuple of
-        ``(B, ...)`` tensors) on this detector's backbone; ``name`` says which path it is."""
+    def declare_image_path(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        outputs: Sequence[str] = (),
+        inputs: Sequence[TensorInput] = (),
+    ) -> ImagePath:
+        """An ``ImagePath`` of ``module`` (``forward(images (B, 3, S, S), *inputs)`` -> tuple
+        of ``(B, ...)`` tensors) on this detector's backbone; ``name`` says which path it is.
+        ``inputs``: fixed-shape tensors after the images that ``_encode`` passes to
+        ``run_image_path`` (state that changes without changing the path, e.g. prompts
+        learned at ``fit``); the converted model takes them as inputs."""
         spec = self.backbone.spec
         activation = "quickgelu" if spec.quick_gelu else "gelu"
-        return ImagePath(name, f"{spec.model_name}+{activation}", self.image_size, self.backbone, module, tuple(outputs))
+        return ImagePath(
+            name, f"{spec.model_name}+{activation}", self.image_size, self.backbone, module, tuple(outputs), tuple(inputs)
+        )
 
     def prepare_runtime(self, progress: ProgressCallback | None = None) -> RuntimeChoice:
         """Resolve the ``runtime`` option once (converting or loading the OpenVINO model
@@ -280,12 +291,13 @@ class Detector(abc.ABC):
         """The runtime in use: ``"torch"`` or ``"openvino"``."""
         return self.prepare_runtime().runtime
 
-    def run_image_path(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The declared image path on ``pixels`` ``(B, 3, S, S)`` in the runtime in use."""
+    def run_image_path(self, pixels: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The declared image path on ``pixels`` ``(B, 3, S, S)`` and the path's declared
+        extra inputs (``TensorInput`` shapes, in order) in the runtime in use."""
         run = self.prepare_runtime().run
         if run is None:
             raise RuntimeError(f"{self.display_name} declares no image path (_image_path)")
-        return tuple(run(pixels))
+        return tuple(run(pixels, *inputs))
 
     def _details(self) -> dict[str, Any]:
         """The method-specific part of ``describe()``."""

@@ -4,7 +4,8 @@ For every method that declares an image path, ``runtime="openvino"`` equals
 ``runtime="torch"`` on ``score`` and ``raw_map`` to 1e-4 (square and non-square queries,
 k = 1 and 4, ``predict`` and ``predict_batch``); a second process reuses the saved model; a
 corrupted or stale entry is rebuilt; a failing conversion falls back to PyTorch with a
-warning. The rest of the suite runs ``DETECTOR_RUNTIME=torch`` (conftest.py); these tests
+warning. Paths with fixed-shape inputs besides the images (AnoPLe's learned visual
+prompts) take new input values without a new conversion. The rest of the suite runs ``DETECTOR_RUNTIME=torch`` (conftest.py); these tests
 ask for their runtime explicitly and use their own cache directory.
 """
 
@@ -48,7 +49,7 @@ def cache_dir(tmp_path_factory):
 
 
 def converted_methods() -> list[str]:
-    """Methods that declare an image path (AnoPLe's prompted encoder is not converted yet)."""
+    """Methods that declare an image path."""
     names = []
     for name in list_methods():
         det = create_detector(name, backbone="tiny-test", backbone_weights="random", runtime="torch")
@@ -80,9 +81,8 @@ def differences(a, b) -> tuple[float, float]:
     return score, raw
 
 
-def test_converted_methods_include_inctrl_and_faprompt():
-    assert len(CONVERTED) >= 2
-    assert all(get_method(m).spec.trained_offline for m in CONVERTED)
+def test_every_built_in_method_declares_an_image_path():
+    assert {"inctrl", "faprompt", "anople"} <= set(CONVERTED)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -135,13 +135,14 @@ def test_choice_without_openvino_path_or_off_cpu():
 
 
 def test_methods_without_a_path_run_torch_and_say_why():
-    others = [m for m in list_methods() if m not in CONVERTED]
-    if not others:
-        pytest.skip("every method is converted")
-    det = create_detector(others[0], backbone="tiny-test", backbone_weights="random", runtime="openvino")
+    class WithoutPath(get_method(CONVERTED[0])):
+        def _image_path(self):
+            return None
+
+    det = WithoutPath(backbone="tiny-test", backbone_weights="random", runtime="openvino")
     info = det.describe()
     assert info["runtime"] == "torch" and "no OpenVINO image path" in info["runtime_warning"]
-    auto = create_detector(others[0], backbone="tiny-test", backbone_weights="random", runtime="auto").describe()
+    auto = WithoutPath(backbone="tiny-test", backbone_weights="random", runtime="auto").describe()
     assert auto["runtime"] == "torch" and "runtime_warning" not in auto
 
 
@@ -262,9 +263,92 @@ def test_threads_follow_torch(cache_dir):
         rt.clear_runtime_cache()
 
 
+# -- fixed-shape inputs besides the images (learned state that changes at every fit) ------------
+
+
+class WithInputs(torch.nn.Module):
+    """``forward(images (B, 3, S, S), offset (3,), mix (2, 3)) -> ((B, 3), (B, 2))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, images: torch.Tensor, offset: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.conv(images).mean(dim=(2, 3)) + offset
+        return pooled, pooled @ mix.t()
+
+
+def test_extra_inputs_stay_inputs_of_the_converted_model(cache_dir):
+    module = WithInputs().eval()
+    inputs = (rt.TensorInput("offset", (3,)), rt.TensorInput("mix", (2, 3)))
+    path = rt.ImagePath("test.extra-inputs", "toy", 16, module, module, ("pooled", "mixed"), inputs)
+    before = rt.conversion_count()
+    choice = rt.choose_runtime("openvino", path)
+    assert choice.runtime == "openvino", choice.warning
+    assert rt.conversion_count() == before + 1
+    for seed, batch in ((1, 3), (2, 1)):  # new input values and batch sizes, the same model
+        generator = torch.Generator().manual_seed(seed)
+        args = (torch.randn(batch, 3, 16, 16, generator=generator), torch.randn(3, generator=generator), torch.randn(2, 3, generator=generator))
+        with torch.no_grad():
+            expected = module(*args)
+        got = choice.run(*args)
+        assert [tuple(g.shape) for g in got] == [(batch, 3), (batch, 2)]
+        assert max(float((g - e).abs().max()) for g, e in zip(got, expected)) <= 1e-5
+    assert rt.choose_runtime("openvino", path).run is choice.run and rt.conversion_count() == before + 1
+    with pytest.raises(ValueError, match="2 more inputs"):
+        choice.run(torch.zeros(1, 3, 16, 16), torch.zeros(3))
+    key = rt.cache_key(path)
+    assert key.inputs == "offset:3,mix:2x3" and key.record()["inputs"] == key.inputs
+    images_only = rt.cache_key(rt.ImagePath("test.images-only", "toy", 16, module, module))
+    assert "inputs" not in images_only.record()  # keys of images-only paths are as before
+
+
+def anople_pair(k: int, normals, **options):
+    made = [create_detector("anople", backbone="tiny-test", backbone_weights="random", runtime=r, **options) for r in ("torch", "openvino")]
+    return [det.fit(normals[:k]) for det in made]
+
+
+def test_a_new_anople_fit_runs_on_the_model_already_converted(cache_dir):
+    first_normals, queries = images()
+    other_normals = [synthetic.texture("weave", 3, (64, 64), i) for i in range(3)]
+    torch_det, ov_det = anople_pair(2, first_normals)
+    assert ov_det.runtime == "openvino", ov_det.describe().get("runtime_warning")
+    run, conversions = ov_det.prepare_runtime().run, rt.conversion_count()
+    first_prompts = {j: p.clone() for j, p in ov_det.module.effective_prompts()[1].items()}
+    assert first_prompts  # the fast preset learns visual prompts
+    worst = 0.0
+    for normals in (other_normals, first_normals[1:]):  # refit the same detector; a new detector too
+        torch_det.fit(normals)
+        ov_det.fit(normals)
+        fresh_torch, fresh_ov = anople_pair(len(normals), normals)
+        prompts = ov_det.module.effective_prompts()[1]
+        assert any(not torch.equal(prompts[j], first_prompts[j]) for j in prompts)  # other prompts
+        for t, o in ((torch_det, ov_det), (fresh_torch, fresh_ov)):
+            score, raw = differences([t.predict(q) for q in queries], [o.predict(q) for q in queries])
+            worst = max(worst, score, raw)
+        assert ov_det.prepare_runtime().run is run and fresh_ov.prepare_runtime().run is run
+    print(f"anople after refits: max difference {worst:.2e}")
+    assert worst <= TOLERANCE
+    assert rt.conversion_count() == conversions  # no new conversion for new prompts
+
+
+@pytest.mark.parametrize("options", [{"multiview_tta": True}, {"preset": "text_only"}])
+def test_anople_variants_equal_torch(options, cache_dir):
+    normals, queries = images()
+    torch_det, ov_det = anople_pair(2, normals, **options)
+    info = ov_det.describe()
+    assert info["runtime"] == "openvino", info.get("runtime_warning")
+    prompt_inputs = len(ov_det._image_path().inputs)
+    assert prompt_inputs == 0 if options.get("preset") == "text_only" else prompt_inputs >= 1  # text_only: no visual prompts
+    score, raw = differences([torch_det.predict(q) for q in queries], [ov_det.predict(q) for q in queries])
+    print(f"anople {options}: max |score| diff {score:.2e}, max |raw_map| diff {raw:.2e}")
+    assert score <= TOLERANCE and raw <= TOLERANCE
+
+
 # -- the official architectures at random init (slow) ------------------------------------------
 
-SLOW_BACKBONES = {"inctrl": None, "faprompt": None}  # None = the method's official backbone
+SLOW_BACKBONES = {"inctrl": None, "faprompt": None, "anople": None}  # None = the method's official backbone
 
 
 @pytest.mark.slow

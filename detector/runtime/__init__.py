@@ -2,9 +2,13 @@
 
 A method declares the frozen, no-gradient image path it reads at predict time as an
 ``ImagePath`` (``Detector._image_path``): a small wrapper ``nn.Module`` whose
-``forward(images)`` takes normalised pixels ``(B, 3, S, S)`` and returns a tuple of float32
-tensors with the batch first. ``choose_runtime`` turns the ``runtime`` option into a
-``RuntimeChoice`` whose ``run`` the method calls in its ``_encode``:
+``forward(images, *inputs)`` takes normalised pixels ``(B, 3, S, S)``, then one tensor of
+fixed shape per declared ``TensorInput`` (state a method computes outside the path and
+that changes without changing the path, e.g. prompts learned at ``fit``; no batch
+dimension), and returns a tuple of float32 tensors with the batch first. Because such state
+is an input of the exported model, not a constant baked into it, new values need no new
+conversion. ``choose_runtime`` turns the ``runtime`` option into a ``RuntimeChoice`` whose
+``run`` the method calls in its ``_encode``:
 
 * ``"torch"``: ``run`` is the wrapper module itself (today's computation, unchanged);
 * ``"openvino"``: the path exported, converted and compiled by ``openvino_backend`` (read
@@ -39,7 +43,8 @@ RUNTIME_VARIABLE = "DETECTOR_RUNTIME"
 DEFAULT_RUNTIME = "auto"
 COMPILED_CACHE_SIZE = 8
 
-Run = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+#: ``run(pixels (B, 3, S, S), *inputs) -> tuple of (B, ...) tensors``.
+Run = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def default_runtime() -> str:
@@ -59,11 +64,34 @@ def check_runtime(value: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class TensorInput:
+    """A fixed-shape float32 input of an image path, after the images.
+
+    Attributes:
+        name: what it is (documentation, error messages and the cache key).
+        shape: its full shape; it has no batch dimension and is the same for every image
+            of a call (e.g. ``(n_v, D_v)`` prompt tokens).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+
+    def signature(self) -> str:
+        """``name:d1xd2...`` (part of the cache key)."""
+        return f"{self.name}:{'x'.join(str(int(d)) for d in self.shape)}"
+
+
+def inputs_signature(inputs: Sequence[TensorInput]) -> str:
+    """The cache-key text of a path's extra inputs (``""`` when it has none)."""
+    return ",".join(item.signature() for item in inputs)
+
+
+@dataclass(frozen=True)
 class ImagePath:
     """A method's frozen image path, ready to be compiled.
 
     Two paths are the same (and share one compiled model) when ``name``, ``architecture``,
-    ``image_size`` and ``identity`` are equal; ``module`` does not take part.
+    ``image_size``, ``identity`` and ``inputs`` are equal; ``module`` does not take part.
 
     Attributes:
         name: the method's name of the path, with what selects it (e.g.
@@ -72,8 +100,11 @@ class ImagePath:
         image_size: input side ``S``.
         identity: hashable identity of the weights object in this process (the shared
             backbone), so the weights fingerprint is computed once per process.
-        module: the wrapper; ``forward(images (B, 3, S, S)) -> tuple of (B, ...) tensors``.
+        module: the wrapper; ``forward(images (B, 3, S, S), *inputs) -> tuple of (B, ...)
+            tensors``. Its parameters and buffers are the weights baked into the model
+            (fingerprinted); the extra inputs are not.
         outputs: names of the outputs, in order (documentation and error messages).
+        inputs: the fixed-shape inputs after the images, in ``forward``'s order.
     """
 
     name: str
@@ -82,6 +113,7 @@ class ImagePath:
     identity: object
     module: torch.nn.Module = field(compare=False, hash=False, repr=False)
     outputs: tuple[str, ...] = field(default=(), compare=False)
+    inputs: tuple[TensorInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +123,8 @@ class RuntimeChoice:
     Attributes:
         requested: the option as given (``"torch"``, ``"openvino"``, ``"auto"``).
         runtime: the one in use: ``"torch"`` or ``"openvino"``.
-        run: ``pixels (B, 3, S, S) -> outputs``; ``None`` when the method has no path.
+        run: ``(pixels (B, 3, S, S), *inputs) -> outputs``; ``None`` when the method has
+            no path.
         source: ``"converted"``, ``"cache"`` (OpenVINO), else ``None``.
         seconds: conversion (or cache load) and compile time.
         warning: why a requested OpenVINO runtime is not used, for every result.
@@ -182,7 +215,9 @@ def path_fingerprint(path: ImagePath) -> str:
 def cache_key(path: ImagePath) -> CacheKey:
     from .openvino_backend import runtime_version
 
-    return CacheKey(path.name, path.architecture, int(path.image_size), path_fingerprint(path), runtime_version())
+    return CacheKey(
+        path.name, path.architecture, int(path.image_size), path_fingerprint(path), runtime_version(), inputs_signature(path.inputs)
+    )
 
 
 @functools.lru_cache(maxsize=COMPILED_CACHE_SIZE)
@@ -195,10 +230,18 @@ def _compiled(path: ImagePath, threads: int, root: str) -> "object | str":
     from .openvino_backend import build
 
     try:
-        return build(path.module, cache_key(path), int(path.image_size), threads, Path(root))
+        return build(path.module, cache_key(path), int(path.image_size), threads, Path(root), input_shapes=tuple(i.shape for i in path.inputs))
     except Exception as error:  # any failure means: run PyTorch
         text = f"{type(error).__name__}: {error}".strip()
         return text.splitlines()[0][:300]
+
+
+def conversion_count() -> int:
+    """How many exports + conversions this process has started (models read from the disk
+    cache or shared from memory do not count)."""
+    from .openvino_backend import conversions
+
+    return conversions()
 
 
 def clear_runtime_cache() -> None:
@@ -214,13 +257,16 @@ __all__: Sequence[str] = (
     "RUNTIMES",
     "RUNTIME_VARIABLE",
     "RuntimeChoice",
+    "TensorInput",
     "cache",
     "cache_key",
     "cache_root",
     "check_runtime",
     "choose_runtime",
     "clear_runtime_cache",
+    "conversion_count",
     "default_runtime",
+    "inputs_signature",
     "openvino_available",
     "path_fingerprint",
 )

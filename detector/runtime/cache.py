@@ -59,6 +59,9 @@ class CacheKey:
         weights: ``weights_fingerprint`` of the exported module.
         runtime: versions of torch (the exporter) and OpenVINO (the converter), and
             ``FORMAT_VERSION``.
+        inputs: the signature of the path's fixed-shape inputs after the images
+            (``runtime.inputs_signature``); ``""`` for an images-only path, and then left
+            out of ``record()`` (so entries of images-only paths keep their keys).
     """
 
     path: str
@@ -66,10 +69,18 @@ class CacheKey:
     image_size: int
     weights: str
     runtime: str
+    inputs: str = ""
+
+    def record(self) -> dict[str, object]:
+        """The key as recorded in ``entry.json`` and hashed into the directory name."""
+        fields = asdict(self)
+        if not self.inputs:
+            fields.pop("inputs")
+        return fields
 
     @property
     def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps(self.record(), sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
     @property
@@ -114,7 +125,7 @@ def valid_entry(key: CacheKey, root: Path | None = None) -> Path | None:
         record = json.loads((directory / ENTRY_FILE).read_text(encoding="utf-8"))
         trusted = (
             record.get("format") == FORMAT_VERSION
-            and record.get("key") == asdict(key)
+            and record.get("key") == key.record()
             and record.get("files", {}).get(MODEL_FILE) == file_digest(directory / MODEL_FILE)
             and record.get("files", {}).get(WEIGHTS_FILE) == file_digest(directory / WEIGHTS_FILE)
         )
@@ -141,7 +152,7 @@ def write_entry(key: CacheKey, save: Callable[[Path], None], root: Path | None =
         save(staging / MODEL_FILE)
         record = {
             "format": FORMAT_VERSION,
-            "key": asdict(key),
+            "key": key.record(),
             "files": {name: file_digest(staging / name) for name in (MODEL_FILE, WEIGHTS_FILE)},
         }
         (staging / ENTRY_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")

@@ -1,7 +1,9 @@
 """OpenVINO for one frozen image path: export, convert, save, load, compile, run.
 
 ``torch.export.export`` traces the method's wrapper module with a dynamic batch dimension
-(example batch 2, so the batch is never specialised to 1), ``openvino.convert_model``
+(example batch 2, so the batch is never specialised to 1) on the images and static shapes
+on the path's extra inputs (``input_shapes``: fixed-shape tensors after the images, which
+stay inputs of the model, e.g. learned prompts), ``openvino.convert_model``
 turns the exported program into an OpenVINO model, ``openvino.save_model`` (weights kept in
 fp32, no fp16 compression) writes it into the disk cache (``cache.py``), and the saved
 model is read back, fixed to ``(-1, 3, S, S)`` and compiled for the CPU with
@@ -32,6 +34,18 @@ CHECK_TOLERANCE = 1e-3
 EXAMPLE_BATCH = 2
 MAX_BATCH = 256
 
+#: ``(d1, d2, ...)`` shapes of a path's extra inputs, in ``forward``'s order after the images.
+Shapes = tuple[tuple[int, ...], ...]
+#: ``run(pixels (B, 3, S, S), *inputs) -> tuple of float32 tensors``.
+Run = Callable[..., tuple[torch.Tensor, ...]]
+
+_conversions = 0
+
+
+def conversions() -> int:
+    """Exports + conversions started by ``build`` in this process."""
+    return _conversions
+
 
 def runtime_version() -> str:
     """Versions a converted model depends on (part of its cache key)."""
@@ -45,7 +59,8 @@ class Compiled:
     """A compiled image path.
 
     Attributes:
-        run: ``pixels (B, 3, S, S) float32 -> tuple of float32 tensors`` (the module's outputs).
+        run: ``(pixels (B, 3, S, S) float32, *inputs) -> tuple of float32 tensors`` (the
+            module's outputs).
         source: ``"converted"`` (exported and converted in this process) or ``"cache"``
             (read from the disk cache).
         seconds: export + conversion + save + compile time (``converted``) or load +
@@ -53,32 +68,56 @@ class Compiled:
         model_file: the ``model.xml`` it was compiled from.
     """
 
-    run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    run: Run
     source: str
     seconds: float
     model_file: Path
 
 
-def export_and_convert(module: torch.nn.Module, image_size: int) -> "object":
-    """``openvino.Model`` of ``module`` (``forward(images (B, 3, S, S))``), batch dynamic."""
+def export_and_convert(module: torch.nn.Module, image_size: int, input_shapes: Shapes = ()) -> "object":
+    """``openvino.Model`` of ``module`` (``forward(images (B, 3, S, S), *inputs)``), batch
+    dynamic, the extra inputs of the fixed ``input_shapes``."""
     import openvino
 
-    example = _example(image_size)
+    example = _example(image_size, input_shapes)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if input_shapes:  # one signature whatever the module's: (images, *inputs), inputs static
+        exported: torch.nn.Module = _Positional(module)
+        dynamic: tuple[object, ...] = ({0: batch}, (None,) * len(input_shapes))
+    else:
+        exported, dynamic = module, ({0: batch},)
     with torch.no_grad():
-        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+        program = torch.export.export(exported, example, dynamic_shapes=dynamic, strict=False)
     model = openvino.convert_model(program)
-    model.reshape({model.inputs[0]: openvino.PartialShape([-1, 3, image_size, image_size])})
+    if len(model.inputs) != 1 + len(input_shapes):
+        raise RuntimeError(f"the converted model has {len(model.inputs)} inputs, expected {1 + len(input_shapes)}")
+    shapes = {model.inputs[0]: openvino.PartialShape([-1, 3, image_size, image_size])}
+    shapes.update({model.inputs[1 + i]: openvino.PartialShape(list(shape)) for i, shape in enumerate(input_shapes)})
+    model.reshape(shapes)
     return model
 
 
-def _example(image_size: int) -> torch.Tensor:
+class _Positional(torch.nn.Module):
+    """``forward(images, *inputs)`` calling ``module(images, *inputs)``: the extra inputs
+    reach ``torch.export`` as one positional tuple, however ``module`` names them."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.module(images, *inputs)
+
+
+def _example(image_size: int, input_shapes: Shapes = ()) -> tuple[torch.Tensor, ...]:
+    """Images ``(2, 3, S, S)`` and one tensor per extra input, standard normal, seeded."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=generator)
+    images = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=generator)
+    return (images, *(torch.randn(*shape, generator=generator) for shape in input_shapes))
 
 
-def compile_model(model_file: Path, threads: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Read, fix the input shape of, and compile a saved model; returns the callable."""
+def compile_model(model_file: Path, threads: int) -> Run:
+    """Read and compile a saved model; returns ``run(pixels, *inputs)``."""
     import openvino
 
     core = openvino.Core()
@@ -98,25 +137,30 @@ def compile_model(model_file: Path, threads: int) -> Callable[[torch.Tensor], tu
         core = openvino.Core()
         compiled = core.compile_model(str(model_file), "CPU", config)
     outputs = len(compiled.outputs)
+    expected_inputs = len(compiled.inputs)
 
-    def run(pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(B, 3, S, S)`` -> the module's outputs as torch tensors (copies)."""
-        array = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+    def as_array(tensor: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+
+    def run(pixels: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(B, 3, S, S)`` and the extra inputs -> the module's outputs as torch tensors (copies)."""
+        if 1 + len(inputs) != expected_inputs:
+            raise ValueError(f"this model takes the images and {expected_inputs - 1} more inputs, got {len(inputs)}")
         request = compiled.create_infer_request()  # one per call: safe across threads
-        request.infer({0: array})
+        request.infer({i: as_array(t) for i, t in enumerate((pixels, *inputs))})
         return tuple(torch.from_numpy(np.array(request.get_output_tensor(i).data, copy=True)) for i in range(outputs))
 
     return run
 
 
-def check(module: torch.nn.Module, run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], image_size: int) -> float:
+def check(module: torch.nn.Module, run: Run, image_size: int, input_shapes: Shapes = ()) -> float:
     """Largest difference between ``module`` and ``run`` on the export example; raises
     ``RuntimeError`` above ``CHECK_TOLERANCE`` or on mismatched outputs."""
-    example = _example(image_size)
+    example = _example(image_size, input_shapes)
     with torch.inference_mode():
-        expected = module(example)
+        expected = module(*example)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    got = run(example)
+    got = run(*example)
     if len(got) != len(expected) or any(tuple(g.shape) != tuple(e.shape) for g, e in zip(got, expected)):
         raise RuntimeError(
             f"the converted model returns {[tuple(g.shape) for g in got]}, torch {[tuple(e.shape) for e in expected]}"
@@ -127,10 +171,22 @@ def check(module: torch.nn.Module, run: Callable[[torch.Tensor], tuple[torch.Ten
     return worst
 
 
-def build(module: torch.nn.Module, key: cache.CacheKey, image_size: int, threads: int, root: Path | None = None) -> Compiled:
+def build(
+    module: torch.nn.Module,
+    key: cache.CacheKey,
+    image_size: int,
+    threads: int,
+    root: Path | None = None,
+    *,
+    input_shapes: Shapes = (),
+) -> Compiled:
     """The compiled path for ``key``: from a trusted cache entry, else exported, converted,
-    checked and saved first. A cached entry that cannot be compiled is removed and rebuilt."""
+    checked and saved first. A cached entry that cannot be compiled is removed and rebuilt.
+    ``input_shapes``: the fixed shapes of the inputs after the images (``key.inputs``
+    records them)."""
     import openvino
+
+    global _conversions
 
     start = time.perf_counter()
     model_file = cache.valid_entry(key, root)
@@ -140,7 +196,8 @@ def build(module: torch.nn.Module, key: cache.CacheKey, image_size: int, threads
             return Compiled(run, "cache", time.perf_counter() - start, model_file)
         except Exception:
             cache.remove_entry(key, root)
-    model = export_and_convert(module, image_size)
+    _conversions += 1
+    model = export_and_convert(module, image_size, input_shapes)
 
     def save(path: Path) -> None:
         openvino.save_model(model, str(path), compress_to_fp16=False)
@@ -148,7 +205,7 @@ def build(module: torch.nn.Module, key: cache.CacheKey, image_size: int, threads
     model_file = cache.write_entry(key, save, root)
     try:
         run = compile_model(model_file, threads)
-        check(module, run, image_size)
+        check(module, run, image_size, input_shapes)
     except Exception:
         cache.remove_entry(key, root)
         raise

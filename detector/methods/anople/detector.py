@@ -22,12 +22,14 @@ from ...preprocess import preprocess
 from ...maps import patch_box
 from ...registry import register_method
 from ...results import Box, DetectionResult, Explanation, NearestNormalPatch
+from ...runtime import ImagePath
 from ...spec import MethodSpec, Option, RelativeCost
 from .config import COUPLINGS, PRESETS, SCORINGS, AnoPLeConfig, block_layout, preset_config
 from .decoder import GLOBAL_VIEW, LOCAL_VIEW
 from .encoders import PromptedCLIP
 from .fitting import FitReport, NormalImage, fit_anople
-from .model import CONTEXT_INIT, AnoPLe, fused_outputs, prompt_texts
+from .image_path import AnoPLeImagePath, output_names, path_name, split_outputs
+from .model import CONTEXT_INIT, AnoPLe, QueryFeatures, fused_outputs, prompt_texts
 
 DEFAULT_BACKBONE = "ViT-B-16"
 DEFAULT_WEIGHTS = "openai"
@@ -161,8 +163,26 @@ class AnoPLeDetector(Detector):
         self.last_fit_report = report
 
     # ------------------------------------------------------------------ predict
-    def _encode(self, batch: PreparedBatch) -> Any:
-        return self.module.encode_views(batch.pixels)
+    def _path_module(self) -> AnoPLeImagePath:
+        """The prompted pass of this preset's block layout as a module (no learned state)."""
+        layout = block_layout(self.config, self.clip.num_vision_blocks, self.clip.num_text_blocks)
+        return AnoPLeImagePath(self.clip, layout, self.config.n_visual)
+
+    def _image_path(self) -> ImagePath:
+        """The prompted vision pass (``image_path.py``); the learned visual prompts are
+        inputs, so every fit of this preset on this backbone runs the same model."""
+        module = self._path_module()
+        return self.declare_image_path(path_name(module.layout), module, output_names(module.layout), module.inputs())
+
+    def _encode_views(self, pixels: torch.Tensor) -> QueryFeatures:
+        """The fitted prompted pass over ``pixels`` ``(B, 3, S, S)`` in the runtime in use."""
+        _, visual_prompts = self.module.effective_prompts()
+        layout = self.module.layout
+        prompts = tuple(visual_prompts[j] for j in layout.visual_blocks)
+        return split_outputs(layout, self.run_image_path(pixels, *prompts))
+
+    def _encode(self, batch: PreparedBatch) -> QueryFeatures:
+        return self._encode_views(batch.pixels)
 
     def _quadrant_decoder_map(self, rgb: np.ndarray) -> torch.Tensor:
         """Multi-view test-time augmentation: M_dec of the four quadrants (local view),
@@ -176,7 +196,7 @@ class AnoPLeDetector(Detector):
                 crop = rgb[top:bottom, left:right]
                 if crop.shape[0] < 1 or crop.shape[1] < 1:
                     crop = rgb
-                features = self.module.encode_views(self._to_input(np.ascontiguousarray(crop))[None].to(self.device))
+                features = self._encode_views(self._to_input(np.ascontiguousarray(crop))[None].to(self.device))
                 cols.append(self.module.decode(features, LOCAL_VIEW)[0].reshape(gh, gw))
             rows.append(torch.cat(cols, dim=1))
         stitched = torch.cat(rows, dim=0)[None, None]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import AnoPLeConfig, BlockLayout, block_layout
 from .decoder import MultiViewDecoder
-from .encoders import PromptedCLIP
+from .encoders import PromptedCLIP, TokenHook
 from .health import PartHealth
 from .losses import anomaly_logit, two_way_logits
 from .prompts import AnoPLePromptLearner
@@ -62,6 +62,35 @@ class QueryFeatures:
     image: torch.Tensor
     patches: dict[int, torch.Tensor]
     memory: dict[int, torch.Tensor]
+
+
+def features_from_tokens(
+    clip: PromptedCLIP, layout: BlockLayout, final: torch.Tensor, levels: dict[int, torch.Tensor]
+) -> QueryFeatures:
+    """``QueryFeatures`` from the final tokens ``(B, 1 + N, D_v)`` and the patch rows
+    ``{l: (B, N, D_v)}`` of (at least) the decoder and memory levels."""
+    image = F.normalize(clip.pool_image(final), dim=-1)
+    patches = {l: clip.project_tokens(levels[l]) for l in layout.decoder_levels}
+    memory = {l: F.normalize(levels[l], dim=-1) for l in layout.memory_levels}
+    return QueryFeatures(image=image, patches=patches, memory=memory)
+
+
+def prompted_features(
+    clip: PromptedCLIP,
+    layout: BlockLayout,
+    images: torch.Tensor,
+    visual_prompts: dict[int, torch.Tensor],
+    *,
+    hook: TokenHook | None = None,
+) -> QueryFeatures:
+    """One full prompted vision pass from the images ``(B, 3, S, S)`` with the effective
+    prompts ``{j: (n_v, D_v)}``; ``hook`` as in ``AnoPLe.encode_views``. It reads only the
+    frozen vision tower, so it is also the predict-time image path (``image_path.py``)."""
+    wanted = set(layout.decoder_levels) | set(layout.memory_levels)
+    final, kept = clip.forward_vision(
+        images, visual_prompts=visual_prompts, keep=sorted(wanted), hook_block=layout.latent_block, hook=hook
+    )
+    return features_from_tokens(clip, layout, final, {l: t[:, 1:] for l, t in kept.items()})
 
 
 class AnoPLe(nn.Module):
@@ -176,30 +205,23 @@ class AnoPLe(nn.Module):
         layout = self.layout
         if visual_prompts is None:
             _, visual_prompts = self.learner()
-        wanted = set(layout.decoder_levels) | set(layout.memory_levels)
         if cached_tokens is None:
-            final, kept = self.clip.forward_vision(
-                images, visual_prompts=visual_prompts, keep=sorted(wanted), hook_block=layout.latent_block, hook=hook
-            )
-            levels = {l: t[:, 1:] for l, t in kept.items()}
-        else:
-            start = layout.boundary + 1
-            final, kept = self.clip.forward_vision(
-                cached_tokens=cached_tokens,
-                start_block=start,
-                visual_prompts={j: p for j, p in visual_prompts.items() if j >= start},
-                keep=sorted(l for l in wanted if l >= start),
-                hook_block=layout.latent_block if layout.latent_block >= start else None,
-                hook=hook,
-            )
-            levels = {l: t[:, 1:] for l, t in kept.items()}
-            levels.update({l: t for l, t in (cached_levels or {}).items() if l in wanted and l < start})
-            if layout.boundary in wanted and layout.boundary >= 1:
-                levels[layout.boundary] = cached_tokens[:, 1:]
-        image = F.normalize(self.clip.pool_image(final), dim=-1)
-        patches = {l: self.clip.project_tokens(levels[l]) for l in layout.decoder_levels}
-        memory = {l: F.normalize(levels[l], dim=-1) for l in layout.memory_levels}
-        return QueryFeatures(image=image, patches=patches, memory=memory)
+            return prompted_features(self.clip, layout, images, visual_prompts, hook=hook)
+        wanted = set(layout.decoder_levels) | set(layout.memory_levels)
+        start = layout.boundary + 1
+        final, kept = self.clip.forward_vision(
+            cached_tokens=cached_tokens,
+            start_block=start,
+            visual_prompts={j: p for j, p in visual_prompts.items() if j >= start},
+            keep=sorted(l for l in wanted if l >= start),
+            hook_block=layout.latent_block if layout.latent_block >= start else None,
+            hook=hook,
+        )
+        levels = {l: t[:, 1:] for l, t in kept.items()}
+        levels.update({l: t for l, t in (cached_levels or {}).items() if l in wanted and l < start})
+        if layout.boundary in wanted and layout.boundary >= 1:
+            levels[layout.boundary] = cached_tokens[:, 1:]
+        return features_from_tokens(self.clip, layout, final, levels)
 
     def decode_logits(self, features: QueryFeatures, view: torch.Tensor | int, text_features: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits ``tau (<z_i, t_a> - <z_i, t_n>)`` ``(B, N)``."""
