@@ -120,9 +120,9 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         normals, queries = _images(folder)
-        from benchmarks.run import _random_prompt_learner
+        from benchmarks.measure import random_prompt_learner
 
-        learner = str(_random_prompt_learner(quick, folder))
+        learner = str(random_prompt_learner(quick, folder))
         F = _forward_seconds("tiny-test" if quick else "ViT-L-14-336", 96 if quick else 518)
         B = _forward_seconds("tiny-test" if quick else "ViT-B-16-plus-240", None)
         plain = {}

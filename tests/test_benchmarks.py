@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from benchmarks import anople_fit, measure
 from benchmarks import run as bench
 
 
@@ -83,7 +84,7 @@ def test_markdown_table_lists_each_method(quick_result):
 
 
 def test_percentile_interpolates():
-    assert bench._percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
+    assert measure.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.9) == pytest.approx(4.6)
 
 
 def test_first_answer_benchmark_quick_prints_every_ratio(capsys):
@@ -106,9 +107,9 @@ def test_anople_fit_ratios_come_from_one_run(tmp_path):
     ratios = row["anople_fit_ratios"]
     for k in (1, 4, 8):
         entry = ratios[f"k{k}"]
-        assert entry["k"] == k and len(entry["encoder_all_s"]) == bench.ENCODER_REPEATS
+        assert entry["k"] == k and len(entry["encoder_all_s"]) == anople_fit.ENCODER_REPEATS
         assert entry["encoder_s"] == pytest.approx(statistics.median(entry["encoder_all_s"]))
         assert entry["fit_to_encoder"] == pytest.approx(entry["fit_s"] / entry["encoder_s"])
         assert 0 < sum(entry["split_s"].values()) <= entry["fit_s"]
-    assert ratios["k4_within_budget"] == (ratios["k4"]["fit_to_encoder"] <= bench.ANOPLE_FIT_BUDGET_FORWARDS)
+    assert ratios["k4_within_budget"] == (ratios["k4"]["fit_to_encoder"] <= anople_fit.ANOPLE_FIT_BUDGET_FORWARDS)
     assert "fit / encoder" in bench.report(json.loads(out.read_text()))

@@ -362,9 +362,9 @@ def test_openvino_equals_torch_on_the_official_architecture(method, tmp_path, mo
         synthetic.add_defect(synthetic.texture("grating", 2, (256, 320), 7), 4)[0],
     ]
     with tempfile.TemporaryDirectory() as directory:
-        from benchmarks.run import _method_options  # the benchmarked configuration (FAPrompt: learned prompts)
+        from benchmarks.measure import method_options as benchmarked_options  # the benchmarked configuration (FAPrompt: learned prompts)
 
-        options = _method_options(method, False, Path(directory))
+        options = benchmarked_options(method, False, Path(directory))
         torch_det = create_detector(method, backbone=SLOW_BACKBONES[method], backbone_weights="random", runtime="torch", **options)
         ov_det = create_detector(method, backbone=SLOW_BACKBONES[method], backbone_weights="random", runtime="openvino", **options)
     assert ov_det.runtime == "openvino", ov_det.describe().get("runtime_warning")
