@@ -30,6 +30,8 @@ from .service_calls import progress_callback, service_errors
 from .sessions import PendingCalibrations
 
 LOG = logging.getLogger("app")
+#: ``#warm-status`` while the warm start builds the models.
+WARMING_UP = "warming up: building the models"
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,7 @@ class InspectionApp(BatchMode):
     def warm_start(self, methods: Sequence[str] | None = None) -> None:
         """Build the configured models and their default text features in the background
         (``#warm-status`` says when the server is ready)."""
-        self.warm_status = "warming up: building the models"
+        self.warm_status = WARMING_UP
 
         def done(future) -> None:
             error = future.exception()

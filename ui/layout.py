@@ -17,9 +17,10 @@ from detector import limits, maps
 from detector.service import InspectionService
 
 from . import views
+from .components import ResultImage
 from .config import AppConfig
 from .controls import MethodControl, advanced_names
-from .handlers import InspectionApp
+from .handlers import WARMING_UP, InspectionApp
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = ROOT / "assets"
@@ -125,7 +126,9 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         )
         banner = gr.Markdown(banner_text, elem_id="banner", elem_classes=[banner_class])
         with gr.Row():
-            warm_status = gr.Markdown(f"Server: {handlers.warm_status}", elem_id="warm-status", elem_classes=["small-text"])
+            # The warm start begins when the page is built (below): say so from the first render.
+            warm_text = WARMING_UP if config.warm_start else handlers.warm_status
+            warm_status = gr.Markdown(f"Server: {warm_text}", elem_id="warm-status", elem_classes=["small-text"])
             prefetch_status = gr.Markdown("", elem_id="prefetch-status", elem_classes=["small-text"])
 
         with gr.Row(equal_height=False):
@@ -184,15 +187,15 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                         with gr.Column(elem_classes=["method-col"], elem_id=f"col-{method}", min_width=260) as column:
                             header = gr.Markdown(f"### {views.display_name(method)}", elem_id=f"verdict-{method}", elem_classes=["verdict"])
                             progress_texts.append(gr.Markdown("", elem_id=f"progress-{method}", elem_classes=["small-text"]))
-                            overlay_img = gr.Image(
+                            overlay_img = ResultImage(
                                 format="png", interactive=False, height=260, label=f"{views.display_name(method)} · anomaly map (calibrated)",
                                 elem_id=f"overlay-{method}", buttons=["download", "fullscreen"],
                             )
-                            contour_img = gr.Image(
+                            contour_img = ResultImage(
                                 format="png", interactive=False, height=260, label=f"{views.display_name(method)} · region ≥ threshold",
                                 elem_id=f"contour-{method}", buttons=["download", "fullscreen"],
                             )
-                            raw_img = gr.Image(
+                            raw_img = ResultImage(
                                 format="png", interactive=False, height=200, visible=False,
                                 label=f"{views.display_name(method)} · raw patch grid (own range, not calibrated)",
                                 elem_id=f"raw-{method}",
@@ -205,7 +208,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
 
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2):
-                        strip = gr.Image(format="png", interactive=False, height=300, label="All methods: contours on the query", elem_id="comparison")
+                        strip = ResultImage(format="png", interactive=False, height=300, label="All methods: contours on the query", elem_id="comparison")
                         legend = gr.Markdown("", elem_id="legend")
                     with gr.Column(scale=5):
                         table = gr.Dataframe(
@@ -220,7 +223,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
 
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3):
-                        agreement_image = gr.Image(
+                        agreement_image = ResultImage(
                             format="png", interactive=False, height=260, label="Where the methods agree",
                             elem_id="agreement", buttons=["download", "fullscreen"],
                         )
@@ -232,10 +235,10 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                         )
                         explanation_text = gr.Markdown("", elem_id="explanation")
                         with gr.Row():
-                            explanation_query = gr.Image(
+                            explanation_query = ResultImage(
                                 format="png", interactive=False, height=220, label="Query · clicked patch", elem_id="explain-query"
                             )
-                            explanation_normal = gr.Image(
+                            explanation_normal = ResultImage(
                                 format="png", interactive=False, height=220, label="Nearest normal patch", elem_id="explain-normal"
                             )
                     with gr.Column(scale=2):
