@@ -79,10 +79,13 @@ def test_results_arrive_method_by_method_and_provisional_ones_are_redrawn_final(
     assert not last["inctrl"]["provisional"] and not last["anople"]["provisional"]
     texts = dict(zip(handlers.methods, handlers.progress_texts(session("s1"))))
     assert texts["faprompt"] == "FAPrompt: provisional (calibrating)"
+    arrived_at = next(index for index, methods in enumerate(shown) if "faprompt" in methods)
+    assert "provisional" in panel_of(handlers, steps[arrived_at], "faprompt")[0]  # its verdict says so
     assert handlers.final_calibrations.sessions() == ["s1"]
     # The next timer tick after it lands redraws every output from the final report.
     redrawn = tick_until_redrawn(handlers, "s1")
     assert panel_of(handlers, redrawn, "faprompt")[1] is not None  # its overlay, at the final calibration
+    assert "provisional" not in panel_of(handlers, redrawn, "faprompt")[0]
     assert all(value == gr.skip() for m in ("inctrl", "anople") for value in panel_of(handlers, redrawn, m))
     final = redrawn[0]["methods"]
     assert final["faprompt"]["provisional"] is False and final["faprompt"]["calibration"].startswith("leave-one-out")

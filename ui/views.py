@@ -68,12 +68,16 @@ def verdict_markdown(outcome: MethodOutcome, threshold: float) -> str:
         else "<span style='color:#2e7d32; font-weight:700;'>● NORMAL</span>"
     )
     source = outcome.calibration.source
+    if outcome.provisional:
+        calibration = f"{source}, provisional: its calibration on the normals is finishing in the background"
+    else:
+        calibration = source + ("" if source != "default" else " (uncalibrated fixed range)")
     return "\n\n".join(
         [
             f"### {outcome.display_name}: {_fmt(calibrated)} → {badge}",
             f"calibrated score vs threshold {threshold:.2f} · raw score {_fmt(outcome.result.score)} "
             f"(method threshold {_fmt(outcome.raw_threshold(threshold))})",
-            f"<span class='small-text'>calibration: {source}{'' if source != 'default' else ' (uncalibrated fixed range)'} · "
+            f"<span class='small-text'>calibration: {calibration} · "
             f"{outcome.seconds:.2f} s{' · normals reused' if outcome.reused_fit else ''}</span>",
         ]
     )
