@@ -1,17 +1,21 @@
-"""What a person waits for: ``python -m benchmarks.first_answer [--quick] [--threads 2] [--out FILE]``.
+"""What a person waits for: ``python -m benchmarks.first_answer [--quick] [--in-process] [--threads 2] [--out FILE]``.
 
-Drives the app's own handlers (``ui.InspectionApp``: the code behind the Run button and the
-background work, without the browser) with the official architectures at random
-initialisation, k = 3 normal images, all registered methods and the default object name,
-and measures in one process:
+Drives the app with the official architectures at random initialisation, k = 3 normal
+images, all registered methods and the default object name. By default the served app
+(``python app.py``) in headless Chromium (``first_answer_browser.py``: uploads, the Run
+button and the results as the page shows them); ``--in-process`` drives the app's own
+handlers (``ui.InspectionApp``: the code behind the Run button, the timer and the background
+work) in this process instead, without Gradio's transport and the page. Measured in one run:
 
 * F: one plain ViT-L-14-336 forward at 518 px; B: one plain ViT-B-16-plus-240 forward at
   240 px; P: the methods' plain ``predict`` times added, through the Python API;
 * (a) cold: after the warm start has finished, normals and query given and Run at once:
   time to the first method's result and to all of them (a provisional calibration counts as
-  shown), then to the final redraw (the page's timer, polled every ``TICK_SECONDS``, draws
-  the background calibration's report) and how long after the calibration landed that was;
-* (b) prefetched: the normals' background work started and finished, then Run: time to all;
+  shown), then to the final redraw (the page's timer, every ``TICK_SECONDS``, draws the
+  background calibration's report; in-process also how long after the calibration landed);
+* (b) prefetched: the normals' background work started and finished, then Run: time to all
+  (in the browser a new session with normals of their own, in-process a new app, so
+  nothing of (a) is reused);
 * (c) a second query against the same normals.
 
 Targets (issue "first answer"): cold first <= 8 B, cold all <= 5 F, prefetched all <= 1.2 P,
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,8 +36,15 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
+from .measure import random_prompt_learner
+
 SHOTS = 3
 QUERY_SIZE = (256, 320)
+#: ``(open_clip model, image size)`` of F and B; ``quick`` times the tiny backbone for both.
+REFERENCE_ENCODERS = {
+    "official": (("ViT-L-14-336", 518), ("ViT-B-16-plus-240", 240)),
+    "quick": (("tiny-test", 96), ("tiny-test", None)),
+}
 
 
 def _forward_seconds(model_name: str, image_size: int | None, repeats: int = 3) -> float:
@@ -54,29 +66,95 @@ def _forward_seconds(model_name: str, image_size: int | None, repeats: int = 3) 
     return statistics.median(times)
 
 
-def _images(folder: Path) -> tuple[list[tuple[str, None]], list[str]]:
+def benchmark_images(folder: Path, seed: int = 5) -> tuple[list[tuple[str, None]], list[str]]:
+    """``SHOTS`` normal images and 2 defective queries (synthetic weave, ``QUERY_SIZE``) as PNG
+    files in ``folder``; the normals as the gallery gives them, ``(path, caption)``. Another
+    ``seed`` gives other images (normals of another content hash)."""
     from PIL import Image
 
     from detector import synthetic
 
+    folder.mkdir(parents=True, exist_ok=True)
     normals = []
     for index in range(SHOTS):
         path = folder / f"normal_{index}.png"
-        Image.fromarray(synthetic.texture("weave", 5, QUERY_SIZE, index)).save(path)
+        Image.fromarray(synthetic.texture("weave", seed, QUERY_SIZE, index)).save(path)
         normals.append((str(path), None))
     queries = []
     for index in range(2):
-        image, _ = synthetic.add_defect(synthetic.texture("weave", 5, QUERY_SIZE, 20 + index), seed=index)
+        image, _ = synthetic.add_defect(synthetic.texture("weave", seed, QUERY_SIZE, 20 + index), seed=index)
         path = folder / f"query_{index}.png"
         Image.fromarray(image).save(path)
         queries.append(str(path))
     return normals, queries
 
 
+def benchmarked_checkpoints(learner: str) -> dict[str, str]:
+    """Checkpoints of the benchmarked configuration: FAPrompt's learned one (a prompt state at
+    the official random initialisation), as the official code runs."""
+    return {"faprompt": learner}
+
+
+def reference_times(quick: bool, threads: int, normals: list[str], query: str, learner: str) -> dict[str, Any]:
+    """F, B and P (see the module docstring) in the current process; P with the default
+    runtime, each method fitted on ``normals`` and timed on its second predict of ``query``."""
+    import torch
+
+    from detector import create_detector
+    from detector.registry import list_methods
+
+    torch.set_num_threads(threads)
+    (f_model, f_size), (b_model, b_size) = REFERENCE_ENCODERS["quick" if quick else "official"]
+    F = _forward_seconds(f_model, f_size)
+    B = _forward_seconds(b_model, b_size)
+    plain = {}
+    checkpoints = benchmarked_checkpoints(learner)
+    for method in list_methods():
+        options = {"checkpoint": checkpoints[method]} if method in checkpoints else {}
+        det = create_detector(method, backbone="tiny-test" if quick else None, backbone_weights="random", **options)
+        det.fit(normals)
+        det.predict(query)
+        start = time.perf_counter()
+        det.predict(query)
+        plain[method] = time.perf_counter() - start
+    return {
+        "F_s": F,
+        "B_s": B,
+        "P_s": sum(plain.values()),
+        "plain_predict_s": plain,
+        "F_encoder": f"{f_model} @ {f_size or 'default'}",
+        "B_encoder": f"{b_model} @ {b_size or 'default'}",
+    }
+
+
+def summary(reference: dict[str, Any], cold: dict[str, float], second: dict[str, float], prefetched: dict[str, float], prefetch_s: float, **facts: Any) -> dict[str, Any]:
+    """The result: ``reference`` (F, B, P), the three timed Runs and their ratios."""
+    F, B, P = reference["F_s"], reference["B_s"], reference["P_s"]
+    result = {
+        **facts,
+        **reference,
+        "cold_first_s": cold["first_s"],
+        "cold_all_s": cold["all_s"],
+        "cold_final_s": cold["final_s"],
+        "redraw_lag_s": cold.get("redraw_lag_s"),
+        "prefetch_s": prefetch_s,
+        "prefetched_all_s": prefetched["all_s"],
+        "second_query_s": second["all_s"],
+    }
+    result["ratios"] = {
+        "cold_first / B": cold["first_s"] / B,
+        "cold_all / F": cold["all_s"] / F,
+        "prefetched_all / P": prefetched["all_s"] / P,
+        "second_query / P": second["all_s"] / P,
+        "cold_final / F": cold["final_s"] / F,
+    }
+    return result
+
+
 def _handlers(quick: bool, faprompt_checkpoint: str):
     import ui
 
-    checkpoints = {"faprompt": faprompt_checkpoint}  # its learned configuration, as the official code runs
+    checkpoints = benchmarked_checkpoints(faprompt_checkpoint)
     config = ui.AppConfig(backbone="tiny-test" if quick else None, backbone_weights="random", checkpoints=checkpoints, examples=False)
     return ui.InspectionApp(config)
 
@@ -109,32 +187,18 @@ def _timed_run(handlers: Any, normals: list, query: str, methods: list[str], ses
 
 
 def run(quick: bool, threads: int) -> dict[str, Any]:
+    """The in-process measurement (``--in-process``): the app's handlers in this process."""
     import torch
 
     torch.set_num_threads(threads)
-    from detector import create_detector
     from detector.registry import get_spec, list_methods
 
-    methods = list_methods()
-    names = [get_spec(m).display_name for m in methods]
+    names = [get_spec(m).display_name for m in list_methods()]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        normals, queries = _images(folder)
-        from benchmarks.measure import random_prompt_learner
-
+        normals, queries = benchmark_images(folder)
         learner = str(random_prompt_learner(quick, folder))
-        F = _forward_seconds("tiny-test" if quick else "ViT-L-14-336", 96 if quick else 518)
-        B = _forward_seconds("tiny-test" if quick else "ViT-B-16-plus-240", None)
-        plain = {}
-        for method in methods:
-            options = {"checkpoint": learner} if method == "faprompt" else {}
-            det = create_detector(method, backbone="tiny-test" if quick else None, backbone_weights="random", **options)
-            det.fit([p for p, _ in normals])
-            det.predict(queries[0])
-            start = time.perf_counter()
-            det.predict(queries[0])
-            plain[method] = time.perf_counter() - start
-        P = sum(plain.values())
+        reference = reference_times(quick, threads, [p for p, _ in normals], queries[0], learner)
 
         handlers = _handlers(quick, learner)
         handlers.warm_start()
@@ -153,29 +217,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         fresh.service.prefetcher.job("prefetched").wait()
         prefetch_s = time.perf_counter() - start
         prefetched = _timed_run(fresh, normals, queries[0], names, "prefetched")
-    result = {
-        "threads": threads,
-        "quick": quick,
-        "F_s": F,
-        "B_s": B,
-        "P_s": P,
-        "plain_predict_s": plain,
-        "cold_first_s": cold["first_s"],
-        "cold_all_s": cold["all_s"],
-        "cold_final_s": cold["final_s"],
-        "redraw_lag_s": cold["redraw_lag_s"],
-        "prefetch_s": prefetch_s,
-        "prefetched_all_s": prefetched["all_s"],
-        "second_query_s": second["all_s"],
-    }
-    result["ratios"] = {
-        "cold_first / B": cold["first_s"] / B,
-        "cold_all / F": cold["all_s"] / F,
-        "prefetched_all / P": prefetched["all_s"] / P,
-        "second_query / P": second["all_s"] / P,
-        "cold_final / F": cold["final_s"] / F,
-    }
-    return result
+    return summary(reference, cold, second, prefetched, prefetch_s, threads=threads, quick=quick, driver="in-process")
 
 
 TARGETS = {"cold_first / B": 8.0, "cold_all / F": 5.0, "prefetched_all / P": 1.2, "second_query / P": 1.2}
@@ -184,11 +226,13 @@ REPORTED = {"cold_final / F": "cold_final_s"}
 
 
 def markdown(result: dict[str, Any]) -> str:
+    lag = result.get("redraw_lag_s")
     lines = [
-        f"F (ViT-L-14-336 @ 518) = {result['F_s']:.3g} s, B (ViT-B-16-plus-240 @ 240) = {result['B_s']:.3g} s, "
+        f"Driven {'in a browser (the served app)' if result.get('driver') == 'browser' else 'in-process (the app handlers)'}; "
+        f"F ({result['F_encoder']}) = {result['F_s']:.3g} s, B ({result['B_encoder']}) = {result['B_s']:.3g} s, "
         f"P (plain predicts added) = {result['P_s']:.3g} s; {result['threads']} threads; background prefetch took "
-        f"{result['prefetch_s']:.3g} s; the final redraw came {result['redraw_lag_s']:.2f} s after the background "
-        "calibration landed (target <= 2 s)",
+        f"{result['prefetch_s']:.3g} s"
+        + (f"; the final redraw came {lag:.2f} s after the background calibration landed (target <= 2 s)" if lag is not None else ""),
         "",
         "| measure | seconds | ratio | target | met |",
         "|---|---|---|---|---|",
@@ -200,6 +244,21 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         met = "yes" if ratio <= TARGETS[name] else "no"
         lines.append(f"| {name} | {result[seconds[name]]:.3g} | {ratio:.2f} | <= {TARGETS[name]} | {met} |")
+    if result.get("driver") == "browser":
+        uploads = result["upload_s"]
+        lines += [
+            "",
+            f"Server start to page loaded {result['server_start_s']:.3g} s, to `#warm-status` ready {result['warm_ready_s']:.3g} s; "
+            f"uploads through the page (not in the Run times) {uploads['cold']:.3g} s (normals and query), "
+            f"{uploads['second']:.3g} s (second query).",
+        ]
+        cpu = result.get("cpu_s", {})
+        if cpu:
+            lines.append(
+                "CPU seconds from Run to the final redraw (server / Chromium, on the same cores): "
+                + "; ".join(f"{name} {value['server']:.3g} / {value['chromium']:.3g}" for name, value in cpu.items())
+                + "."
+            )
     return "\n".join(lines)
 
 
@@ -208,8 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny random backbone (seconds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument(
+        "--in-process", action="store_true", help="drive the app's handlers in this process instead of the served app in Chromium"
+    )
     args = parser.parse_args(argv)
-    result = run(args.quick, args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.in_process:
+        result = run(args.quick, args.threads)
+    else:
+        from .first_answer_browser import run as run_in_browser
+        from .served_app import CHROMIUM, browser_available
+
+        if not browser_available():
+            parser.error(f"the browser measurement needs Chromium at {CHROMIUM} and playwright (or use --in-process)")
+        result = run_in_browser(args.quick, args.threads)
     sys.stdout.write(markdown(result) + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

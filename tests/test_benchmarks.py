@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import anople_fit, measure
 from benchmarks import run as bench
+from benchmarks import served_app
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +91,33 @@ def test_percentile_interpolates():
 def test_first_answer_benchmark_quick_prints_every_ratio(capsys):
     from benchmarks import first_answer
 
-    assert first_answer.main(["--quick", "--threads", "1"]) == 0
+    assert first_answer.main(["--quick", "--in-process", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     for name in (*first_answer.TARGETS, *first_answer.REPORTED):
         assert f"| {name} |" in text
     assert re.search(r"the final redraw came \d+\.\d+ s after the background calibration landed", text)
-    assert "F (ViT-L-14-336 @ 518)" in text
+    assert "Driven in-process" in text and "F (tiny-test @ 96)" in text  # the encoders it timed, named
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not served_app.browser_available(), reason=f"{served_app.CHROMIUM} or playwright is missing")
+def test_first_answer_benchmark_drives_the_served_app_in_chromium(tmp_path, capsys):
+    """The default measurement: ``python app.py`` in a subprocess, driven through the page."""
+    from benchmarks import first_answer
+
+    out = tmp_path / "first_answer.json"
+    assert first_answer.main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["driver"] == "browser"
+    assert 0 < result["cold_first_s"] <= result["cold_all_s"] <= result["cold_final_s"]
+    assert result["prefetched_all_s"] > 0 and result["second_query_s"] > 0 and result["prefetch_s"] > 0
+    assert result["warm_ready_s"] >= result["server_start_s"] > 0
+    assert result["ratios"]["cold_first / B"] == pytest.approx(result["cold_first_s"] / result["B_s"])
+    assert result["ratios"]["second_query / P"] == pytest.approx(result["second_query_s"] / result["P_s"])
+    for run in ("cold", "second", "prefetched"):
+        assert result["cpu_s"][run]["server"] > 0  # read from /proc for the app's own process
+    text = capsys.readouterr().out
+    assert "Driven in a browser" in text and "| prefetched_all / P |" in text and "CPU seconds" in text
 
 
 def test_anople_fit_ratios_come_from_one_run(tmp_path):

@@ -7,112 +7,45 @@ all three methods, moves the threshold slider and saves screenshots under
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+from benchmarks.served_app import CHROMIUM, AppDidNotStart, app_page, served_app
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "_artifacts"
 EXAMPLE = ROOT / "assets" / "examples" / "fabric-weave"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (apt-get install chromium fonts-liberation)"),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium fonts-liberation)"),
 ]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-dev-shm-usage",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+#: The tiny random CLIP for every method.
+TINY_APP = {"DETECTOR_BACKBONE": "tiny-test", "DETECTOR_BACKBONE_WEIGHTS": "random"}
 
 
 @contextmanager
-def app_page(url: str):
-    """A Chromium page with the app at ``url`` loaded; the browser is closed afterwards."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1500})
-            page.goto(url, wait_until="load", timeout=90_000)
-            yield page
-        finally:
-            browser.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def running_app(tmp_path_factory, extra: dict) -> Iterator[str]:
+    """``python app.py`` with the tiny backbone and ``extra`` environment; yields its URL."""
+    log = tmp_path_factory.mktemp("app_server") / "server.log"
+    try:
+        with served_app({**TINY_APP, **extra}, log) as app:
+            yield app.url
+    except AppDidNotStart as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    url, process, handle = start_app(
+    with running_app(
         tmp_path_factory, {"ANOPLE_STEPS": "2", "GRADIO_EXAMPLES_CACHE": str(tmp_path_factory.mktemp("examples_cache"))}
-    )
-    try:
+    ) as url:
         yield url
-    finally:
-        stop_app(process, handle)
-
-
-def start_app(tmp_path_factory, extra: dict) -> tuple:
-    """``python app.py`` on a free port with the tiny backbone and ``extra`` environment;
-    returns ``(url, process, log handle)`` once the page answers."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("app_server") / "server.log"
-    env = {
-        **os.environ,
-        "DETECTOR_BACKBONE": "tiny-test",
-        "DETECTOR_BACKBONE_WEIGHTS": "random",
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-        **extra,
-    }
-    handle = open(log, "w")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=str(ROOT), env=env, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return url, process, handle
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_app(process, handle)
-            pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_app(process: subprocess.Popen, handle) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    handle.close()
 
 
 def test_upload_run_all_methods_and_screenshot(server):
@@ -234,11 +167,8 @@ def test_batch_upload_ranks_and_opens_a_row(server):
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
     """The app with AnoPLe slowed deterministically (many prompt-learning steps)."""
-    url, process, handle = start_app(tmp_path_factory, {"ANOPLE_STEPS": "400", "DETECTOR_NO_EXAMPLES": "1"})
-    try:
+    with running_app(tmp_path_factory, {"ANOPLE_STEPS": "400", "DETECTOR_NO_EXAMPLES": "1"}) as url:
         yield url
-    finally:
-        stop_app(process, handle)
 
 
 def test_columns_fill_as_methods_finish_and_prefetched_work_is_reused(slow_server):
