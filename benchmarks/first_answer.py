@@ -36,7 +36,7 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
-from .measure import random_prompt_learner
+from .measure import benchmarked_checkpoints, random_prompt_learner
 
 SHOTS = 3
 QUERY_SIZE = (256, 320)
@@ -89,20 +89,19 @@ def benchmark_images(folder: Path, seed: int = 5) -> tuple[list[tuple[str, None]
     return normals, queries
 
 
-def benchmarked_checkpoints(learner: str) -> dict[str, str]:
-    """Checkpoints of the benchmarked configuration: FAPrompt's learned one (a prompt state at
-    the official random initialisation), as the official code runs."""
-    return {"faprompt": learner}
-
-
-def reference_times(quick: bool, threads: int, normals: list[str], query: str, learner: str) -> dict[str, Any]:
+def reference_times(
+    quick: bool, threads: int, normals: list[str], query: str, learner: str, cache_dir: str | None = None
+) -> dict[str, Any]:
     """F, B and P (see the module docstring) in the current process; P with the default
-    runtime, each method fitted on ``normals`` and timed on its second predict of ``query``."""
+    runtime, each method fitted on ``normals`` and timed on its second predict of ``query``.
+    ``cache_dir``: the disk cache (``DETECTOR_CACHE_DIR``) of this process from now on."""
     import torch
 
     from detector import create_detector
     from detector.registry import list_methods
 
+    if cache_dir is not None:
+        os.environ["DETECTOR_CACHE_DIR"] = cache_dir
     torch.set_num_threads(threads)
     (f_model, f_size), (b_model, b_size) = REFERENCE_ENCODERS["quick" if quick else "official"]
     F = _forward_seconds(f_model, f_size)

@@ -16,14 +16,13 @@ around Playwright waits that poll the page every ``POLL_MS``.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .first_answer import benchmark_images, benchmarked_checkpoints, reference_times, summary
-from .measure import in_subprocess, random_prompt_learner
+from .first_answer import benchmark_images, reference_times, summary
+from .measure import benchmarked_checkpoints, in_subprocess, random_prompt_learner
 from .served_app import app_page, cpu_seconds, served_app
 
 POLL_MS = 50
@@ -45,6 +44,10 @@ _FINAL = """([methods, mark]) => methods.every((m) => {
     const verdict = document.querySelector(`#verdict-${m}`);
     return verdict !== null && !verdict.innerText.includes(mark);
 })"""
+_NEW_QUERY = """(before) => {
+    const image = document.querySelector("#query img");
+    return image !== null && image.src && image.src !== before;
+}"""
 _OVERLAYS = """(methods) => Object.fromEntries(methods.map((m) => {
     const image = document.querySelector(`#overlay-${m} img`);
     return [m, image === null ? null : image.src];
@@ -66,13 +69,7 @@ def upload(page: Any, normals: Sequence[str] | None, query: str) -> float:
         page.locator("#shots").get_by_text(f"{len(normals)}-shot").wait_for(timeout=RUN_TIMEOUT_MS)
     before = page.locator("#query img").get_attribute("src") if page.locator("#query img").count() else None
     page.locator("#query input[type=file]").set_input_files(query)
-    page.wait_for_function(
-        """(before) => { const image = document.querySelector('#query img'); return image !== null && image.src && image.src !== before; }""",
-        arg=before,
-        polling=POLL_MS,
-        timeout=RUN_TIMEOUT_MS,
-    )
-    return time.perf_counter() - start
+    return _wait(page, _NEW_QUERY, before) - start
 
 
 def timed_run(page: Any, methods: Sequence[str], server_pid: int) -> dict[str, Any]:
@@ -137,17 +134,9 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         normals, queries = benchmark_images(folder / "cold")
         other_normals, other_queries = benchmark_images(folder / "prefetched", seed=11)
         normal_paths = [path for path, _ in normals]
-        cache_dir = folder / "cache"
-        previous = os.environ.get("DETECTOR_CACHE_DIR")
-        os.environ["DETECTOR_CACHE_DIR"] = str(cache_dir)  # the reference process converts, the app reads
-        try:
-            learner = str(random_prompt_learner(quick, folder))
-            reference = in_subprocess(reference_times, quick, threads, normal_paths, queries[0], learner)
-        finally:
-            if previous is None:
-                os.environ.pop("DETECTOR_CACHE_DIR", None)
-            else:
-                os.environ["DETECTOR_CACHE_DIR"] = previous
+        cache_dir = folder / "cache"  # the reference process converts, the app reads
+        learner = str(random_prompt_learner(quick, folder))
+        reference = in_subprocess(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir))
         environment = app_environment(quick, threads, cache_dir, benchmarked_checkpoints(learner))
         started = time.perf_counter()
         with served_app(environment, folder / "server.log") as app:

@@ -74,12 +74,23 @@ def random_prompt_learner(quick: bool, directory: Path) -> Path:
     return path
 
 
+#: Methods benchmarked with a learned-state file at random initialisation
+#: (``random_prompt_learner``): FAPrompt's learned configuration, as the official code runs.
+LEARNED_STATE_METHODS = ("faprompt",)
+
+
+def benchmarked_checkpoints(learner: str) -> dict[str, str]:
+    """Checkpoint per method of the benchmarked configuration: the ``random_prompt_learner``
+    file ``learner`` for each of ``LEARNED_STATE_METHODS``."""
+    return {method: learner for method in LEARNED_STATE_METHODS}
+
+
 def method_options(method: str, quick: bool, directory: Path) -> dict[str, Any]:
     """Options of the benchmarked configuration (AnoPLe: fast preset, quick: few steps;
     FAPrompt: learned prompts at random initialisation)."""
     if method == "anople" and quick:
         return {"steps": 3}
-    if method == "faprompt":
+    if method in LEARNED_STATE_METHODS:
         return {"checkpoint": str(random_prompt_learner(quick, directory))}
     return {}
 

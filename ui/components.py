@@ -26,17 +26,25 @@ import numpy as np
 PNG_COMPRESSION = 1
 
 
+def is_png_pixels(value: Any) -> bool:
+    """``value`` is what ``png_bytes`` writes: a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array."""
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype == np.uint8
+        and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4)))
+    )
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """``(H, W)`` grey or ``(H, W, 3)`` RGB / ``(H, W, 4)`` RGBA uint8 -> PNG file bytes."""
+    if not is_png_pixels(image):
+        raise ValueError(
+            "expected a uint8 (H, W), (H, W, 3) or (H, W, 4) image, got "
+            f"{getattr(image, 'dtype', type(image).__name__)} of shape {getattr(image, 'shape', None)}"
+        )
     pixels = np.ascontiguousarray(image)
-    if pixels.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
-    if pixels.ndim == 3 and pixels.shape[2] == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
-    elif pixels.ndim == 3 and pixels.shape[2] == 4:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
-    elif pixels.ndim != 2:
-        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {image.shape}")
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR if pixels.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
     ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise ValueError("OpenCV could not encode the image as PNG")
@@ -71,9 +79,9 @@ class ResultImage(gr.Image):
     def postprocess(self, value: Any) -> Any:
         """A uint8 grey / RGB / RGBA array goes through ``png_in_cache``; anything else (paths,
         PIL images, other dtypes) through ``gr.Image`` as it is."""
-        if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+        if is_png_pixels(value):
             value = png_in_cache(value, self.GRADIO_CACHE)
         return super().postprocess(value)
 
 
-__all__ = ["PNG_COMPRESSION", "ResultImage", "png_bytes", "png_in_cache"]
+__all__ = ["PNG_COMPRESSION", "ResultImage", "is_png_pixels", "png_bytes", "png_in_cache"]
