@@ -33,6 +33,8 @@ class FittedDetector:
     fit_seconds: float = 0.0
     provisional: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    #: Callers in ``calibrate_entry`` now, waiting or calibrating (guarded by the service's lock).
+    calibration_callers: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ class FittingService(Protocol):
 
     def fitted(self, method: str, normals: Sequence[Any], **kwargs: Any) -> tuple[Any, bool]: ...
 
+    def calibrate_entry(self, entry: Any, **kwargs: Any) -> Any: ...
+
 
 @dataclass
 class PrefetchJob:
@@ -125,22 +127,45 @@ class Prefetcher:
         return job
 
     def _run(self, job: PrefetchJob, order: list[str], loaded: list, digest: str, per_method: Mapping[str, dict]) -> None:
+        """Every fit first, each with its default calibration when the final one costs encoder
+        passes (``MethodSpec.cost.defers_calibration``); those calibrations last. A Run that
+        starts meanwhile then waits for no calibration (it shows such a method provisional)."""
+        deferred = []
         for method in order:
             if job.token.cancelled:
                 return
             name = get_method(method).display_name
             try:
-                self.service.fitted(
+                entry, _ = self.service.fitted(
                     method,
                     loaded,
                     options=per_method[method],
                     normals_fingerprint=digest,
                     progress=lambda fraction, message, m=method: job.tell(m, message),
                     cancel=job.token,
+                    defer_calibration=True,
                 )
             except CancelledError:
                 return
             except Exception as error:  # reported in the status; the Run reports it again
+                job.errors[method] = str(error) or type(error).__name__
+                continue
+            if entry.provisional:
+                job.tell(method, f"{name}: fitted, calibration queued")
+                deferred.append((method, entry))
+            else:
+                job.tell(method, f"{name}: ready")
+        for method, entry in deferred:
+            name = get_method(method).display_name
+            job.tell(method, f"calibrating {name}")
+            try:
+                self.service.calibrate_entry(
+                    entry, progress=lambda fraction, message, m=method, n=name: job.tell(m, f"calibrating {n}: {message}"),
+                    cancel=job.token,
+                )
+            except CancelledError:
+                return
+            except Exception as error:
                 job.errors[method] = str(error) or type(error).__name__
                 continue
             job.tell(method, f"{name}: ready")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import limits
+from .base import check_normal_count as check_method_normal_count
+from .images import LoadedImage, load_image
 from .registry import get_method, get_spec, list_methods
 
 
@@ -124,3 +126,17 @@ def check_batch_size(count: int, *, noun: str = "given") -> None:
             f"{count} query images {noun}, at most {limits.MAX_BATCH_QUERIES} are accepted in one batch: "
             f"remove {count - limits.MAX_BATCH_QUERIES} of them."
         )
+
+
+def methods_and_normals(methods: Sequence[str], normals: Sequence[Any] | None) -> tuple[list[str], list[LoadedImage]]:
+    """Registered names of ``methods`` (deduplicated, in order) and the loaded normals,
+    after checking that every method accepts that many normal images (the service's rule:
+    ``ValueError`` naming the method)."""
+    names = list(dict.fromkeys(get_method(method).name for method in methods))
+    if not names:
+        raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
+    loaded_normals = [load_image(image) for image in (normals or [])]
+    for name in names:
+        cls = get_method(name)
+        check_method_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
+    return names, loaded_normals

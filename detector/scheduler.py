@@ -48,6 +48,7 @@ class CpuScheduler:
         self._holder: int | None = None
         self._depth = 0
         self._foreground_waiting = 0
+        self._requests = 0
         self._background_jobs = int(background_jobs)
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -99,6 +100,31 @@ class CpuScheduler:
                 self._condition.wait()
             self._holder, self._depth = me, depth
             self.grants.append(("background", "resumed"))
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """A request in flight for the duration of the block (from its first fit to its last
+        answer, between slots too): background work that no request waits for
+        (``wait_for_requests``) starts only when none is."""
+        with self._condition:
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._requests -= 1
+                self._condition.notify_all()
+
+    def wait_for_requests(self) -> None:
+        """Before background work that no request waits for (a final calibration): wait
+        until no request is in flight, so that a Run's next piece (after a fit it waited
+        on) is not queued behind it. No-op outside background work. Call it holding no lock
+        a request may need."""
+        if not self.in_background:
+            return
+        with self._condition:
+            while self._requests:
+                self._condition.wait()
 
     def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Run ``function`` as background work in the bounded pool."""

@@ -23,14 +23,13 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 from . import limits
 from .base import Detector, check_normal_count, set_arguments
 from .checkpoint_sets import checkpoint_in_use
 from .errors import RequestTimeoutError, WeightsUnavailableError
-from .images import LoadedImage, fingerprint, load_image
+from .images import fingerprint, load_image
 from .inspection.batch import BatchResult
 from .service_batch import run_batch
 from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, outcome_of, weights_text
@@ -38,20 +37,13 @@ from .progress import Deadline, ProgressCallback, method_reporter, scaled
 from .prefetch import Prefetcher
 from .scheduler import CancelToken, CpuScheduler
 from .registry import create_detector, get_method, list_methods, method_options
-from .requests import check_batch_size
+from .requests import check_batch_size, methods_and_normals
 from .service_config import ServiceConfig
 from .status import MethodStatus, method_status
 
 __all__ = [
-    "FittedDetector",
-    "InspectionReport",
-    "InspectionService",
-    "MethodOutcome",
-    "MethodStatus",
-    "RequestTimeoutError",
-    "ServiceConfig",
-    "is_meaningless",
-    "weights_text",
+    "FittedDetector", "InspectionReport", "InspectionService", "MethodOutcome", "MethodStatus",
+    "RequestTimeoutError", "ServiceConfig", "is_meaningless", "weights_text",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -212,14 +204,19 @@ class InspectionService:
                     del self._waiters[key]
 
     def _stage(self, key: tuple, cancel: CancelToken | None, progress: ProgressCallback | None) -> ProgressCallback:
-        """The progress callback of a fit: report, stop if cancelled (unless another caller
-        waits on the same fit), and hand the CPU to a waiting request."""
+        """The progress callback of a fit (``_guarded``), shared while others wait on ``key``."""
+        return self._guarded(lambda: self._waiters.get(key, 0) > 1, cancel, progress)
+
+    def _guarded(self, shared: Callable[[], bool], cancel: CancelToken | None, progress: ProgressCallback | None) -> ProgressCallback:
+        """A progress callback for work at its stage boundaries: stop if cancelled, unless
+        another caller waits on the same work (``shared()``, asked under the service's lock),
+        hand the CPU to a waiting request, then report."""
 
         def report(fraction: float, message: str) -> None:
             if cancel is not None and cancel.cancelled:
                 with self._lock:
-                    shared = self._waiters.get(key, 0) > 1
-                if not shared:
+                    waited_on = shared()
+                if not waited_on:
                     cancel.check(message)
             self.scheduler.yield_to_foreground()
             if progress is not None:
@@ -269,30 +266,30 @@ class InspectionService:
                     self._key_locks.pop(dropped, None)
         return entry
 
-    def calibrate_entry(self, entry: FittedDetector) -> FittedDetector:
+    def calibrate_entry(
+        self, entry: FittedDetector, *, progress: ProgressCallback | None = None, cancel: CancelToken | None = None
+    ) -> FittedDetector:
         """A provisional entry's final calibration (computed once, under the entry's lock).
-        As background work it hands the slot to waiting requests between encoder passes."""
-        with entry.lock:
-            if entry.provisional:
-                with self.scheduler.slot(f"calibrate {entry.method}"):
-                    entry.calibration = entry.detector.calibrate(progress=lambda *_: self.scheduler.yield_to_foreground())
-                entry.provisional = False
+        As background work it hands the slot to waiting requests between encoder passes.
+        ``cancel`` is checked at each pass, but never stops a calibration another caller
+        waits for; a cancelled calibration leaves the entry as it was (provisional, with its
+        default calibration) for whoever calibrates it next."""
+        step = self._guarded(lambda: entry.calibration_callers > 1, cancel, progress)
+        self.scheduler.wait_for_requests()  # as background work: after every request in flight
+        with self._lock:
+            entry.calibration_callers += 1
+        try:
+            with entry.lock:
+                if entry.provisional:
+                    with self.scheduler.slot(f"calibrate {entry.method}"):
+                        entry.calibration = entry.detector.calibrate(progress=step)
+                    entry.provisional = False
+        finally:
+            with self._lock:
+                entry.calibration_callers -= 1
         return entry
 
     # -- one query, several methods --------------------------------------------------------
-    @staticmethod
-    def _methods_and_normals(methods: Sequence[str], normals: Sequence[Any] | None) -> tuple[list[str], list[LoadedImage]]:
-        """Registered names of ``methods`` (deduplicated, in order) and the loaded normals,
-        after checking that every method accepts that many normal images."""
-        names = list(dict.fromkeys(get_method(method).name for method in methods))
-        if not names:
-            raise ValueError(f"choose at least one method ({', '.join(list_methods())})")
-        loaded_normals = [load_image(image) for image in (normals or [])]
-        for name in names:
-            cls = get_method(name)
-            check_normal_count(len(loaded_normals), cls.display_name, required=cls.requires_fit)
-        return names, loaded_normals
-
     def batch(
         self,
         methods: Sequence[str],
@@ -314,7 +311,7 @@ class InspectionService:
         methods and normal images.
         """
         check_batch_size(len(queries))
-        names, loaded_normals = self._methods_and_normals(methods, normals)
+        names, loaded_normals = methods_and_normals(methods, normals)
         digest = fingerprint(loaded_normals)
         fitted: dict[str, FittedDetector] = {}
         fit_share = 0.3 / len(names)
@@ -391,9 +388,17 @@ class InspectionService:
             ValueError: no method, an unknown method, or a normal count a method refuses.
             InvalidImageError: a normal or query image that cannot be used.
         """
+        with self.scheduler.request():  # background calibrations wait until it ends
+            yield from self._report_steps(
+                methods, normals, query, class_name, options, progress, method_progress, timeout, defer_final_calibration
+            )
+
+    def _report_steps(
+        self, methods, normals, query, class_name, options, progress, method_progress, timeout, defer_final_calibration
+    ) -> Iterator[InspectionReport]:
         if query is None:
             raise ValueError("no query image given")
-        names, loaded_normals = self._methods_and_normals(methods, normals)
+        names, loaded_normals = methods_and_normals(methods, normals)
         loaded_query = load_image(query)
         digest = fingerprint(loaded_normals)
         deadline = Deadline(timeout)

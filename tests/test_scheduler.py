@@ -239,3 +239,122 @@ def test_a_background_calibration_lets_a_request_go_between_its_passes():
     assert len(request) == 2 and request[0] < passes[1]  # the request's work started between two passes ...
     assert request[1] < passes[-1]  # ... and it was answered before the calibration ended
     assert service.calibrate_in_background(final) is None  # nothing provisional is left
+
+
+class PassGate:
+    """Lets a given number of calibration passes through (``wait`` as ``threading.Event``'s)."""
+
+    def __init__(self):
+        self._passes = threading.Semaphore(0)
+
+    def allow(self, passes=1):
+        for _ in range(passes):
+            self._passes.release()
+
+    def wait(self, timeout=None):
+        return self._passes.acquire(timeout=timeout)
+
+
+def calibrating_service():
+    """FAPrompt (its spec defers the calibration) as a ``CalibratingDetector`` gated pass by
+    pass; the other methods calibrate without a gate."""
+    probe = Probe(steps=1)
+    probe.calibration_gate = PassGate()
+    probe.passes_started = 0
+    probe.factory = lambda name, **kw: (CalibratingDetector if name == "faprompt" else SteppedDetector)(name, probe)
+    return probe, InspectionService(factory=probe.factory)
+
+
+def test_a_prefetch_fits_first_and_a_run_waits_for_no_calibration():
+    probe, service = calibrating_service()
+    normals = [flat(10), flat(20), flat(30)]
+    job = service.prefetcher.start("s", ["inctrl", "faprompt"], normals)
+    wait_until(lambda: probe.passes_started == 1, "the prefetch's calibration to start")
+    fitted = {name for kind, name, _ in probe.events if kind == "fit-step"}
+    assert fitted == {"inctrl", "faprompt"}  # every fit came before the first calibration pass
+    assert "calibrating FAPrompt" in job.status() and "InCTRL: ready" in job.status()
+    reports = []
+    done = threading.Event()
+    run = lambda: (reports.extend(service.iter_inspect(["faprompt"], normals, flat(40), defer_final_calibration=True)), done.set())  # noqa: E731
+    threading.Thread(target=run).start()
+    wait_until(lambda: service.scheduler._foreground_waiting == 1, "the Run to wait for the slot")
+    probe.calibration_gate.allow(1)  # one pass ends: the Run goes next, without the other passes
+    assert done.wait(GUARD)
+    outcome = reports[-1].outcomes[0]
+    assert outcome.provisional and outcome.reused_fit and outcome.calibration.source == "default"
+    assert [kind for kind, _, _ in probe.events].count("calibration-pass") == 1
+    probe.calibration_gate.allow(10)
+    job.wait(GUARD)
+    assert job.status() == "InCTRL, FAPrompt on 3 normals: ready"
+    final = service.inspect(["faprompt"], normals, flat(40))
+    assert final.outcomes[0].calibration.source == "leave-one-out over 3 normals" and probe.passes_started == 3
+
+
+def test_a_cancelled_calibration_leaves_the_fit_usable_and_provisional():
+    probe, service = calibrating_service()
+    normals = [flat(10), flat(20), flat(30)]
+    job = service.prefetcher.start("s", ["faprompt"], normals)
+    wait_until(lambda: probe.passes_started == 1, "the calibration to start")
+    service.prefetcher.cancel("s")
+    probe.calibration_gate.allow(10)
+    job.wait(GUARD)
+    assert probe.passes_started == 1  # stopped at the next pass
+    (entry,) = service._cache.values()
+    assert entry.provisional and entry.calibration.source == "default" and entry.calibration_callers == 0
+    report = service.inspect(["faprompt"], normals, flat(40))  # whoever needs it final calibrates it
+    assert report.outcomes[0].reused_fit and report.outcomes[0].calibration.source == "leave-one-out over 3 normals"
+
+
+def test_cancelling_never_stops_a_calibration_another_caller_waits_on():
+    probe, service = calibrating_service()
+    normals = [flat(10), flat(20), flat(30)]
+    job = service.prefetcher.start("s", ["faprompt"], normals)
+    wait_until(lambda: probe.passes_started == 1, "the calibration to start")
+    reports = []
+    other = threading.Thread(target=lambda: reports.append(service.inspect(["faprompt"], normals, flat(40))))
+    other.start()
+    wait_until(lambda: service.scheduler._foreground_waiting == 1, "the other caller's predict to wait for the slot")
+    probe.calibration_gate.allow(1)  # it predicts between two passes, then waits for the calibration
+    (entry,) = service._cache.values()
+    wait_until(lambda: entry.calibration_callers == 2, "the other caller to wait on the calibration")
+    service.prefetcher.cancel("s")
+    probe.calibration_gate.allow(10)
+    job.wait(GUARD)
+    other.join(GUARD)
+    assert probe.passes_started == 3  # one calibration, finished for the waiting caller
+    assert reports[0].outcomes[0].calibration.source == "leave-one-out over 3 normals" and not entry.provisional
+
+
+def test_a_background_calibration_waits_for_the_requests_in_flight():
+    scheduler = CpuScheduler()
+    order = []
+    with scheduler.request():
+        future = scheduler.submit(lambda: (scheduler.wait_for_requests(), order.append("calibration")))
+        time.sleep(0.05)
+        assert not future.done()  # it waits while the request is in flight, between its slots too
+        order.append("request")
+    future.result(GUARD)
+    assert order == ["request", "calibration"]
+    scheduler.wait_for_requests()  # outside background work: never waits
+
+
+def test_a_run_waiting_on_a_prefetch_fit_predicts_before_the_prefetch_calibrates():
+    probe, service = calibrating_service()
+    probe.gate.clear()  # FAPrompt's fit waits at its first step; its calibration comes right after
+    normals = [flat(10), flat(20), flat(30)]
+    job = service.prefetcher.start("s", ["faprompt"], normals)
+    wait_until(lambda: probe.fitting == 1, "the prefetch's fit to start")
+    reports = []
+    run = threading.Thread(
+        target=lambda: reports.extend(service.iter_inspect(["faprompt"], normals, flat(40), defer_final_calibration=True))
+    )
+    run.start()
+    wait_until(lambda: sum(service._waiters.values()) == 2, "the Run to wait on the same fit")
+    probe.gate.set()
+    probe.calibration_gate.allow(10)
+    run.join(GUARD)
+    job.wait(GUARD)
+    grants = service.scheduler.grants
+    assert reports[-1].outcomes[0].reused_fit and reports[-1].outcomes[0].provisional
+    # The Run's predict got the slot before the prefetch's calibration did (not queued behind it).
+    assert grants.index(("foreground", "predict faprompt")) < grants.index(("background", "calibrate faprompt"))
