@@ -167,8 +167,8 @@ def _timed_run(handlers: Any, normals: list, query: str, methods: list[str], ses
     request = types.SimpleNamespace(session_hash=session)
     start = time.perf_counter()
     first = None
-    for _ in handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=request):
-        if first is None:
+    for outputs in handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=request):
+        if first is None and "methods" in outputs[0]:  # a result, not a progress message
             first = time.perf_counter() - start
     total = time.perf_counter() - start
     future = handlers.final_calibrations.future(session)

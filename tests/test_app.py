@@ -94,8 +94,12 @@ def test_detect_runs_each_method_with_summary_overlay_and_table(served, images):
         for path in (overlay, contour, raw):
             assert np.array(Image.open(path)).shape == (*QUERY_SIZE, 3)
         assert "random" in info and "meaningless" in info
-    assert "meaningless" in outputs[-2]  # banner
-    assert outputs[-1].startswith("**2-shot**")
+    notes, banner, shots, agreement_image, agreement_text = outputs[4 + 5 * len(order):]
+    assert "meaningless" in banner
+    assert shots.startswith("**2-shot**")
+    # The agreement view comes with the results (the last two outputs).
+    assert np.array(Image.open(agreement_image)).shape == (*QUERY_SIZE, 3)
+    assert "3 methods" in agreement_text
 
     # Only the chosen methods run; the others' outputs stay empty.
     fits = factory.fits

@@ -22,6 +22,7 @@ from conftest import CountingFactory
 from detector import limits, synthetic
 from detector.inspection import ReportLayout
 from detector.service import InspectionService
+from ui import views
 
 METHODS = ["InCTRL", "AnoPLe", "FAPrompt"]
 QUERY_SIZE = (64, 96)  # (height, width): not square
@@ -139,8 +140,10 @@ def test_agreement_follows_the_threshold_without_models(demo, images):
     blocks, handlers, factory = demo
     summary, report = detect(handlers, images, images["query1"])
     predicts = factory.predicts
-    image_all, text_all = handlers.agreement_view(report, summary, 0.0)
-    image_none, text_none = handlers.agreement_view(report, summary, 1.0)
+    # The last two render outputs: the agreement image and its line, redrawn with every
+    # redraw (a Run's messages, an example, the threshold slider), with no model run.
+    image_all, text_all = handlers.rerender(report, summary, 0.0, 0.5, "jet")[-2:]
+    image_none, text_none = handlers.rerender(report, summary, 1.0, 0.5, "jet")[-2:]
     assert "3 of 3 methods" in text_all and image_all.shape == (*QUERY_SIZE, 3)
     expected_none = sum(
         bool((o.calibrated_map() >= 1.0).any()) for o in report.outcomes
@@ -148,9 +151,11 @@ def test_agreement_follows_the_threshold_without_models(demo, images):
     assert (expected_none == 0) == ("None of the 3 methods" in text_none)
     assert not np.array_equal(image_all, image_none)
     assert factory.predicts == predicts
-    # redrawn whenever the summary changes (a run, an example, the threshold slider)
-    assert handlers_of(blocks, "summary", "change") == [handlers.agreement_view]
-    assert handlers.agreement_view(None, None, 0.5) == (None, "")
+    assert handlers.render(report, 0.0, 0.5, "jet")[-2:][1] == text_all
+    assert views.agreement_outputs(None, 0.5) == (None, "")
+    assert handlers.empty_outputs()[-2:] == (None, "")
+    # No event of its own: the agreement is part of the results' outputs.
+    assert handlers_of(blocks, "summary", "change") == []
 
 
 # ----------------------------------------------------------------------------- report

@@ -45,6 +45,23 @@ def panel_of(handlers, outputs, method):
     return outputs[start : start + views.PANEL_OUTPUTS]
 
 
+def skipped(value):
+    return value == gr.skip()
+
+
+def stream_parts(handlers, outputs):
+    """A message of the Run's stream split as ``ui.layout`` orders it: render outputs and
+    state, progress texts and ``#prefetch-status``, explanation view, timer."""
+    n = handlers.num_render_outputs + 1
+    m = len(handlers.methods) + 1
+    return outputs[:n], outputs[n : n + m], outputs[n + m : n + m + 3], outputs[n + m + 3]
+
+
+def result_messages(handlers, messages):
+    """The messages that draw results (the others carry progress or start the timer)."""
+    return [stream_parts(handlers, outputs)[0] for outputs in messages if not skipped(outputs[0])]
+
+
 def tick_until_redrawn(handlers, name):
     """Timer ticks until one redraws the results; returns its render outputs and state."""
     end = time.monotonic() + GUARD
@@ -59,8 +76,9 @@ def tick_until_redrawn(handlers, name):
 def test_results_arrive_method_by_method_and_provisional_ones_are_redrawn_final(files):
     handlers = make_handlers()
     normals, query = files
-    steps = list(handlers.detect_stream(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None,
-                                        request=session("s1")))
+    messages = list(handlers.detect_stream(normals, query, ["InCTRL", "AnoPLe", "FAPrompt"], "object", 0.5, progress=None,
+                                           request=session("s1")))
+    steps = result_messages(handlers, messages)
     shown = [list(outputs[0]["methods"]) for outputs in steps]
     assert [len(m) for m in shown] == [1, 2, 3]  # one more method per step, and the stream ends there
     assert sorted(shown[-1]) == ["anople", "faprompt", "inctrl"]
@@ -82,6 +100,15 @@ def test_results_arrive_method_by_method_and_provisional_ones_are_redrawn_final(
     arrived_at = next(index for index, methods in enumerate(shown) if "faprompt" in methods)
     assert "provisional" in panel_of(handlers, steps[arrived_at], "faprompt")[0]  # its verdict says so
     assert handlers.final_calibrations.sessions() == ["s1"]
+    # The first message clears the explanation view; each message carries the progress texts
+    # that changed; the last one starts the page's timer for the background redraw.
+    parts = [stream_parts(handlers, outputs) for outputs in messages]
+    assert parts[0][2] == ("", None, None)
+    assert all(skipped(value) for _, _, explanation, _ in parts[1:] for value in explanation)
+    assert isinstance(parts[-1][3], gr.Timer) and parts[-1][3].active is True
+    assert all(skipped(timer) for _, _, _, timer in parts[:-1])
+    sent = [texts for _, texts, _, _ in parts if not skipped(texts[0])]
+    assert dict(zip(handlers.methods, sent[-1]))["faprompt"] == "FAPrompt: provisional (calibrating)"
     # The next timer tick after it lands redraws every output from the final report.
     redrawn = tick_until_redrawn(handlers, "s1")
     assert panel_of(handlers, redrawn, "faprompt")[1] is not None  # its overlay, at the final calibration
@@ -131,8 +158,8 @@ def test_a_new_run_or_a_closed_page_drops_the_pending_redraw(files, tmp_path):
 def test_prefetched_work_is_reused_by_run(files):
     handlers = make_handlers()
     normals, query = files
-    status = handlers.prefetch(normals, ["InCTRL", "AnoPLe", "FAPrompt"], "object", request=session("s2"))
-    assert status
+    status, timer = handlers.prefetch(normals, ["InCTRL", "AnoPLe", "FAPrompt"], "object", request=session("s2"))
+    assert status and isinstance(timer, gr.Timer) and timer.active is True  # the timer follows the work
     handlers.service.prefetcher.job("s2").wait(GUARD)
     assert handlers.prefetch_status(session("s2")).endswith("InCTRL, AnoPLe, FAPrompt on 2 normals: ready")
     fits = handlers.service.fit_count
@@ -149,7 +176,7 @@ def test_prefetch_reports_unusable_input_without_failing(files, tmp_path):
     handlers = make_handlers()
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    status = handlers.prefetch([(str(broken), None)], ["InCTRL"], "object", request=session("s3"))
+    status, _ = handlers.prefetch([(str(broken), None)], ["InCTRL"], "object", request=session("s3"))
     assert status.startswith("not prefetched") and "broken.png" in status
 
 
@@ -171,3 +198,113 @@ def test_warm_start_builds_the_models_in_the_background():
     assert app.parse_config([], {}).warm_start is True
     assert app.parse_config(["--no-warm-start"], {}).warm_start is False
     assert app.parse_config([], {"DETECTOR_WARM_START": "0"}).warm_start is False
+
+
+def test_a_long_step_sends_its_progress_before_its_result(files):
+    """Between two results the stream sends the progress texts that changed (``#progress-<method>``),
+    so the page needs no timer while a Run streams."""
+    from ui.handlers import PROGRESS_SECONDS
+
+    handlers = make_handlers()
+    normals, query = files
+    real = handlers.service.iter_inspect
+
+    def slow_second_method(*args, **kwargs):
+        for index, report in enumerate(real(*args, **kwargs)):
+            yield report
+            if index == 0:  # the next method reports a step, then works for a while
+                kwargs["method_progress"]("anople", "AnoPLe: learning prompts, step 3/30")
+                time.sleep(4 * PROGRESS_SECONDS)
+
+    handlers.service.iter_inspect = slow_second_method
+    messages = list(handlers.detect_stream(normals, query, ["InCTRL", "AnoPLe"], "object", 0.5, progress=None, request=session("s7")))
+    parts = [stream_parts(handlers, outputs) for outputs in messages]
+    arrivals = [index for index, (render, _, _, _) in enumerate(parts) if not skipped(render[0])]
+    assert len(arrivals) == 2
+    between = parts[arrivals[0] + 1 : arrivals[1]]
+    assert between, "no progress message between the two results"
+    assert all(skipped(value) for render, _, _, _ in between for value in render)  # progress only: nothing redrawn
+    carried = [texts for _, texts, _, _ in parts[: arrivals[1]] if not skipped(texts[0])]
+    assert "AnoPLe: learning prompts, step 3/30" in [dict(zip(handlers.methods, t))["anople"] for t in carried]
+    assert all(a != b for a, b in zip(carried, carried[1:]))  # unchanged texts are not sent again
+    assert all(skipped(texts[0]) or texts in carried for _, texts, _, _ in between)
+    assert skipped(parts[-1][3])  # nothing left for the timer to redraw
+
+
+def test_a_failing_run_says_in_each_column_which_methods_stopped(files):
+    from detector.errors import DetectorError
+
+    handlers = make_handlers()
+    normals, query = files
+    real = handlers.service.iter_inspect
+
+    def fails_after_the_first(*args, **kwargs):
+        steps = real(*args, **kwargs)
+        yield next(steps)
+        raise DetectorError("the second method broke")
+
+    handlers.service.iter_inspect = fails_after_the_first
+    messages = []
+    with pytest.raises(gr.Error, match="the second method broke"):
+        for outputs in handlers.detect_stream(normals, query, ["InCTRL", "AnoPLe"], "object", 0.5, progress=None, request=session("s8")):
+            messages.append(outputs)
+    carried = [texts for _, texts, _, _ in (stream_parts(handlers, m) for m in messages) if not skipped(texts[0])]
+    texts = dict(zip(handlers.methods, carried[-1]))  # what the page shows last
+    assert texts["inctrl"] == "InCTRL: done" and texts["anople"] == "AnoPLe: stopped"
+
+
+def test_the_timer_stops_when_nothing_runs_in_the_background(files):
+    from ui.sessions import IDLE_TICKS_BEFORE_STOP
+
+    handlers = make_handlers()
+    normals, _ = files
+
+    def timer_of(outputs):
+        return outputs[-1]
+
+    # Idle: the timer stops on the IDLE_TICKS_BEFORE_STOP-th tick in a row.
+    ticks = [timer_of(handlers.tick(request=session("s9"))) for _ in range(IDLE_TICKS_BEFORE_STOP)]
+    assert all(skipped(t) for t in ticks[:-1])
+    assert isinstance(ticks[-1], gr.Timer) and ticks[-1].active is False
+    # While the session's background work runs, it keeps ticking.
+    gate = threading.Event()
+    real = handlers.service.fitted
+    handlers.service.fitted = lambda *a, **kw: gate.wait(GUARD) and real(*a, **kw)
+    try:
+        handlers.prefetch(normals, ["InCTRL"], "object", request=session("s9"))
+        for _ in range(3 * IDLE_TICKS_BEFORE_STOP):
+            assert skipped(timer_of(handlers.tick(request=session("s9"))))
+        # While a Run of the session streams, its messages carry that progress: the timer rests.
+        with handlers.streaming_runs.running("s9"):
+            ticks = [timer_of(handlers.tick(request=session("s9"))) for _ in range(IDLE_TICKS_BEFORE_STOP)]
+            assert ticks[-1].active is False
+        assert handlers.background_running("s9")  # after the Run, the timer is needed again
+    finally:
+        gate.set()
+    handlers.service.prefetcher.job("s9").wait(GUARD)
+    ticks = [timer_of(handlers.tick(request=session("s9"))) for _ in range(IDLE_TICKS_BEFORE_STOP)]
+    assert ticks[-1].active is False and "ready" in handlers.prefetch_status(session("s9"))
+    # The warm start keeps every session's timer going until the server is ready.
+    handlers.warm_status = "warming up: building the models"
+    assert all(skipped(timer_of(handlers.tick(request=session("s10")))) for _ in range(3))
+    # A closed page's count is forgotten.
+    handlers.warm_status = "ready"
+    handlers.tick(request=session("s11"))
+    assert "s11" in handlers.idle_ticks.sessions()
+    handlers.session_closed(session("s11"))
+    assert "s11" not in handlers.idle_ticks.sessions()
+
+
+def test_idle_ticks_count_per_session():
+    from ui.sessions import IdleTicks
+
+    ticks = IdleTicks(limit=2)
+    assert ticks.count("a", busy=False) is False
+    assert ticks.count("b", busy=False) is False
+    assert ticks.count("a", busy=True) is False  # busy restarts the count
+    assert ticks.count("a", busy=False) is False
+    assert ticks.count("a", busy=False) is True
+    assert ticks.count("b", busy=False) is True
+    assert ticks.sessions() == []
+    with pytest.raises(ValueError):
+        IdleTicks(limit=0)

@@ -81,6 +81,13 @@ def test_upload_run_all_methods_and_screenshot(server):
         expect(summary).not_to_contain_text(re.compile(r'"provisional"\s*:\s*true'), timeout=120_000)
         expect(page.locator("#progress-faprompt")).to_contain_text("FAPrompt: done", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "app_results.png"), full_page=True)
+        # Nothing runs any more: the page's timer stops, and an idle page sends no requests.
+        requests = []
+        page.on("request", lambda request: requests.append(request.url) if "/gradio_api/" in request.url else None)
+        page.wait_for_timeout(3_000)  # the last ticks
+        requests.clear()
+        page.wait_for_timeout(3_000)
+        assert requests == []
 
         # The methods' agreement, and a click on a heatmap explains the patch under it.
         expect(page.locator("#agreement-summary")).to_contain_text("3 methods", timeout=30_000)

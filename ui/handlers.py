@@ -15,7 +15,7 @@ import gradio as gr
 from detector import limits, maps
 from detector.errors import DetectorError
 from detector.image_cache import DecodedImageCache
-from detector.inspection import agreement, explanation_view, panel_from_summary, safe_name, save_report
+from detector.inspection import explanation_view, panel_from_summary, safe_name, save_report
 from detector.outcomes import InspectionReport
 from detector.registry import list_methods
 from detector.requests import check_normal_count, form_options, in_registry_order
@@ -27,11 +27,14 @@ from .controls import advanced_parameters, form_values, leading_parameters, meth
 from .batch import BatchMode, BatchSession
 from .files import DownloadFolder, file_paths, gallery_paths
 from .service_calls import progress_callback, service_errors
-from .sessions import PendingCalibrations
+from .sessions import IdleTicks, PendingCalibrations, StreamingRuns
+from .stream import BEAT, with_beats
 
 LOG = logging.getLogger("app")
 #: ``#warm-status`` while the warm start builds the models.
 WARMING_UP = "warming up: building the models"
+#: Seconds between the progress messages of a streaming Run (when a method's text changed).
+PROGRESS_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class InspectionApp(BatchMode):
         self.progress_board: dict[str, dict[str, str]] = {}
         #: Per session: the background job finishing its last Run's provisional calibrations.
         self.final_calibrations = PendingCalibrations()
+        #: Per session: how many timer ticks in a row found no background work (then the timer stops).
+        self.idle_ticks = IdleTicks()
+        #: The sessions whose Run is streaming (its messages carry the progress; the timer rests).
+        self.streaming_runs = StreamingRuns()
         #: Decoded uploads: the normals are decoded once for the background work and every Run.
         self.images = DecodedImageCache()
         self.warm_status = "warm start off"
@@ -83,7 +90,7 @@ class InspectionApp(BatchMode):
         self.detect.__name__ = "detect"
         self.run_batch = with_signature(self.batch_form, batch + advanced)
         self.run_batch.__name__ = "run_batch"
-        self.prefetch = with_signature(self.prefetch_form, prefetch + advanced)
+        self.prefetch = with_signature(self.prefetch_changed_form, prefetch + advanced)
         self.prefetch.__name__ = "prefetch_on_change"
         self.prefetch_and_wait = with_signature(self.prefetch_wait_form, prefetch + advanced)
         self.prefetch_and_wait.__name__ = "prefetch"
@@ -126,18 +133,56 @@ class InspectionApp(BatchMode):
         return (*self.render(report, form["threshold"], form["alpha"], form["colormap"]), report)
 
     def detect_steps(self, **form: Any) -> Iterator[tuple]:
-        """Run in the page: the outputs each time a method finishes, drawing only the panels
-        that changed (the others are left as they are on the page). The stream ends when
-        every method is shown; provisional calibrations are finished as background work and
-        redrawn by the timer (``tick``), so the queue slot is free for other Runs."""
+        """Run in the page: the stream outputs (``stream_outputs``) each time a method finishes,
+        drawing only the panels that changed (the others are left as they are on the page),
+        and in between the progress texts when one changed. The stream ends when every method
+        is shown; provisional calibrations are finished as background work and redrawn by the
+        timer (``tick``), which the last message starts, so the queue slot is free for other
+        Runs. While the stream runs it carries the session's texts and the timer rests (each
+        message costs the page a redraw of every output's loading state). Gradio's own
+        progress overlay is not used: every column has its own progress text."""
+        request = form.get("request")
+        session = _session(request)
+        unchanged_render = tuple(gr.skip() for _ in range(self.num_render_outputs + 1))
         drawn: dict[str, Any] | None = None
-        for report in self.inspection_steps(form, defer_final_calibration=True):
-            if report is None:
-                yield (*self.empty_outputs(), None)
-                continue
-            changed = None if drawn is None else {o.method for o in report.outcomes if drawn.get(o.method) is not o}
-            drawn = {o.method: o for o in report.outcomes}
-            yield (*self.render(report, form["threshold"], form["alpha"], form["colormap"], methods=changed), report)
+        sent: list[str] | None = None
+        first = True
+        with self.streaming_runs.running(session):
+            try:
+                for step in with_beats(self.inspection_steps({**form, "progress": None}, defer_final_calibration=True), PROGRESS_SECONDS):
+                    texts = self.stream_texts(request)
+                    if step is BEAT:
+                        if texts == sent:
+                            continue
+                        render = unchanged_render
+                    elif step is None:
+                        render = (*self.empty_outputs(), None)
+                    else:
+                        changed = None if drawn is None else {o.method for o in step.outcomes if drawn.get(o.method) is not o}
+                        drawn = {o.method: o for o in step.outcomes}
+                        render = (*self.render(step, form["threshold"], form["alpha"], form["colormap"], methods=changed), step)
+                    yield self.stream_outputs(render, None if texts == sent else texts, clear_explanation=first)
+                    sent, first = texts, False
+            except Exception:  # the columns say which methods stopped; Gradio shows the error
+                texts = self.stream_texts(request)
+                yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=first, start_timer=True)
+                raise
+        if self.background_running(session):
+            texts = self.stream_texts(request)
+            yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=False, start_timer=True)
+
+    def stream_texts(self, request: Any) -> list[str]:
+        """What a Run's stream keeps up to date besides the results: each method's progress
+        text and ``#prefetch-status``."""
+        return [*self.progress_texts(request), self.prefetch_status(request)]
+
+    def stream_outputs(self, render: tuple, texts: list[str] | None, *, clear_explanation: bool, start_timer: bool = False) -> tuple:
+        """One message of the Run's stream, in ``ui.layout``'s order: the render outputs and
+        state, the ``stream_texts`` (``None``: unchanged), the explanation view (cleared by
+        the first message), and the timer (started when background work is left to show)."""
+        texts = [gr.skip()] * (len(self.methods) + 1) if texts is None else list(texts)
+        explanation = ("", None, None) if clear_explanation else (gr.skip(),) * 3
+        return (*render, *texts, *explanation, gr.Timer(active=True) if start_timer else gr.skip())
 
     def inspection_steps(self, form: Mapping[str, Any], *, defer_final_calibration: bool) -> Iterator[InspectionReport | None]:
         """The report each time a method finishes (``None`` alone when no method is ticked).
@@ -177,6 +222,10 @@ class InspectionApp(BatchMode):
                     break
                 report = step
                 yield report
+        except Exception:
+            shown = {o.method for o in report.outcomes} if report is not None else set()
+            board.update({m: f"{views.display_name(m)}: stopped" for m in request.methods if m not in shown})
+            raise
         finally:
             steps.close()
         if report is not None:
@@ -187,9 +236,28 @@ class InspectionApp(BatchMode):
     def tick(self, threshold: float = 0.5, alpha: float = 0.5, colormap: str = "jet", request: gr.Request = None) -> tuple:
         """The timer's refresh: the final outputs when the session's background calibration
         has landed (else nothing changes), each method's progress, the background work, the
-        server. The outputs follow ``layout``: render outputs and state, then the texts."""
+        server, and the timer itself, stopped once ticks find nothing running (the page then
+        sends no requests until a Run or an upload starts it again). The outputs follow
+        ``layout``: render outputs and state, the texts, the timer."""
         redraw = self.landed_calibration(threshold, alpha, colormap, request)
-        return (*redraw, *self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}")
+        session = _session(request)
+        busy = self.background_running(session)
+        stop_timer = self.idle_ticks.count(session, busy)
+        return (
+            *redraw, *self.progress_texts(request), self.prefetch_status(request), f"Server: {self.warm_status}",
+            gr.Timer(active=False) if stop_timer else gr.skip(),
+        )
+
+    def background_running(self, session: str) -> bool:
+        """Whether the timer has something to show the session: the warm start, the
+        session's background work (while no Run of it streams, which shows that work's
+        progress itself), or its background calibration not yet redrawn."""
+        job = self.service.prefetcher.job(session)
+        return (
+            self.warm_status == WARMING_UP
+            or (job is not None and not job.done and session not in self.streaming_runs)
+            or self.final_calibrations.future(session) is not None
+        )
 
     def landed_calibration(self, threshold: float, alpha: float, colormap: str, request: gr.Request = None) -> tuple:
         """The render outputs and state of the session's final report once its background
@@ -246,6 +314,11 @@ class InspectionApp(BatchMode):
             return f"not prefetched: {error}"
         return job.status()
 
+    def prefetch_changed_form(self, **form: Any) -> tuple[str, Any]:
+        """The page's prefetch on a change: the status and the timer, started so that
+        ``#prefetch-status`` follows the work until "ready"."""
+        return self.prefetch_form(**form), gr.Timer(active=True)
+
     def prefetch_wait_form(self, **form: Any) -> str:
         """``/prefetch``: as ``prefetch_form``, returning when the work is done."""
         status = self.prefetch_form(**form)
@@ -266,6 +339,7 @@ class InspectionApp(BatchMode):
         self.service.prefetcher.cancel(session)
         self.final_calibrations.drop(session)
         self.progress_board.pop(session, None)
+        self.idle_ticks.drop(session)
 
     def warm_start(self, methods: Sequence[str] | None = None) -> None:
         """Build the configured models and their default text features in the background
@@ -313,7 +387,8 @@ class InspectionApp(BatchMode):
         self, report: InspectionReport, threshold: float, alpha: float, colormap: str, methods: Collection[str] | None = None
     ) -> tuple:
         """Every output of ``report``; with ``methods``, only those methods' panels are drawn
-        and the other panels are left as they are (``gr.skip()``)."""
+        and the other panels are left as they are (``gr.skip()``). The summary, strip, table
+        and agreement view always cover every method of ``report``."""
         threshold = float(threshold)
         per_method: list[Any] = []
         for method in self.methods:
@@ -331,6 +406,7 @@ class InspectionApp(BatchMode):
             views.notes_markdown(report),
             banner,
             views.shots_count_text(report.num_normals),
+            *views.agreement_outputs(report, threshold),
         )
 
     def empty_outputs(self) -> tuple:
@@ -338,7 +414,7 @@ class InspectionApp(BatchMode):
         for method in self.methods:
             per_method += views.method_panel(method, None, None, 0.5, 0.5, "jet")
         banner, _ = views.banner_markdown(self.service, self.methods)
-        return ({"methods": {}}, None, "", [], *per_method, "", banner, gr.skip())
+        return ({"methods": {}}, None, "", [], *per_method, "", banner, gr.skip(), None, "")
 
     def rerender(self, report: InspectionReport | None, summary: Any, threshold: float, alpha: float, colormap: str) -> tuple:
         """Threshold / alpha / colormap changed: redraw from the cached report, no model runs.
@@ -363,7 +439,7 @@ class InspectionApp(BatchMode):
 
     @property
     def num_render_outputs(self) -> int:
-        return 4 + views.PANEL_OUTPUTS * len(self.methods) + 3
+        return 4 + views.PANEL_OUTPUTS * len(self.methods) + 5
 
     # -- inspection views ----------------------------------------------------------------------
     def explain(self, method: str, report: Any, summary: Any, event: gr.SelectData) -> tuple:
@@ -383,14 +459,6 @@ class InspectionApp(BatchMode):
         except (TypeError, ValueError, IndexError) as error:
             raise gr.Error(f"Cannot explain that point: {error}") from None
         return views.explanation_markdown(view), view.query_image, view.normal_image
-
-    def agreement_view(self, report: Any, summary: Any, threshold: float) -> tuple:
-        """Where the methods' calibrated maps agree at ``threshold``, and a one-line summary."""
-        report = self.session_report(report, summary)
-        if report is None or not report.outcomes:
-            return None, ""
-        view = agreement({o.display_name: o.calibrated_map() for o in report.outcomes}, float(threshold), base_image=report.query.rgb)
-        return view.image, f"**Agreement** (yellow = one method … red = all): {view.summary}."
 
     def report_file(self, report: Any, summary: Any, threshold: float, alpha: float, colormap: str) -> str:
         """A PNG slide of the query on screen: normals, overlays, scores, thresholds, weights."""

@@ -24,8 +24,9 @@ from .handlers import WARMING_UP, InspectionApp
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = ROOT / "assets"
-#: How often the page asks for progress and for a landed background calibration (seconds);
-#: a final calibration is redrawn at most this long after it lands.
+#: How often the page asks for the background work's progress and for a landed background
+#: calibration while there is any (seconds); a final calibration is redrawn at most this long
+#: after it lands. The timer stops when nothing runs in the background (``InspectionApp.tick``).
 TICK_SECONDS = 0.5
 TITLE = "CLIP anomaly inspection: InCTRL · AnoPLe · FAPrompt"
 
@@ -271,21 +272,27 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             gr.Markdown(ABOUT_TEXT)
 
         state = gr.State(None)
-        render_outputs = [summary, strip, legend, table, *per_method_outputs, notes, banner, shots]
+        render_outputs = [summary, strip, legend, table, *per_method_outputs, notes, banner, shots, agreement_image, agreement_text]
+        explanation_outputs = [explanation_text, explanation_query, explanation_normal]
+        ticker = gr.Timer(TICK_SECONDS, active=config.warm_start)
         main_inputs = [normals, query, method_choice, object_name, threshold]
         named_inputs = {"alpha": alpha, "colormap": colormap, "sigma": sigma, **controls}
         advanced_inputs = [named_inputs[name] for name in advanced_names(handlers.controls)]
 
-        # The page's Run streams each method as it finishes and leaves provisional
-        # calibrations to the background (the timer redraws them); /detect, for API callers,
-        # answers once with every calibration final. Both take the same inputs.
+        # The page's Run streams each method as it finishes, with each column's progress in
+        # between, and leaves provisional calibrations to the background (the timer redraws
+        # them); /detect, for API callers, answers once with every calibration final. Both
+        # take the same inputs. Gradio's progress overlay is hidden on Run: the page redraws
+        # the loading state of every output each frame while it shows (benchmarks/RESULTS.md),
+        # and each column shows its own progress instead.
         run.click(
             handlers.detect_stream,
             inputs=main_inputs + advanced_inputs,
-            outputs=render_outputs + [state],
+            outputs=[*render_outputs, state, *progress_texts, prefetch_status, *explanation_outputs, ticker],
             api_visibility="private",
+            show_progress="hidden",
             time_limit=limits.REQUEST_TIMEOUT_SECONDS,
-        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        )
         detect_button = gr.Button("detect", visible=False)
         detect_button.click(
             handlers.detect,
@@ -315,13 +322,8 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         clear.add([normals, query, summary, strip, table, state, *per_method_outputs[1::views.PANEL_OUTPUTS],
                    agreement_image, explanation_query, explanation_normal, report_download])
 
-        # Inspection views: all from the session's report, no model runs.
-        summary.change(
-            handlers.agreement_view, inputs=[state, summary, threshold], outputs=[agreement_image, agreement_text],
-            api_visibility="private", show_progress="hidden",
-        )
-        explanation_outputs = [explanation_text, explanation_query, explanation_normal]
-        run.click(lambda: ("", None, None), outputs=explanation_outputs, api_visibility="private", queue=False)
+        # Inspection views: all from the session's report, no model runs (the agreement view
+        # is drawn with the results; a Run's first message clears the explanation).
         for method, overlay_img in zip(methods, overlay_images):
             overlay_img.select(
                 explain_handler(handlers, method), inputs=[state, summary], outputs=explanation_outputs,
@@ -349,7 +351,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
             handlers.open_batch_row, inputs=[batch_state], outputs=[query, tabs], api_visibility="private"
         ).success(
             handlers.detect, inputs=main_inputs + advanced_inputs, outputs=render_outputs + [state], api_visibility="private",
-        ).then(handlers.column_visibility, inputs=[method_choice], outputs=columns, api_visibility="private", queue=False)
+        )
 
         # Work before Run: whatever depends only on the normals, methods, object name and
         # options starts in the background; a timer shows each method's progress and the
@@ -357,22 +359,21 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
         prefetch_inputs = [normals, method_choice, object_name, *advanced_inputs]
         for control in (normals, method_choice, *[c for c in advanced_inputs if c not in (alpha, colormap)]):
             control.change(
-                handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private",
+                handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status, ticker], api_visibility="private",
                 queue=False, trigger_mode="always_last",
             )
-        object_name.submit(handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private", queue=False)
-        object_name.blur(handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status], api_visibility="private", queue=False)
+        for event in (object_name.submit, object_name.blur):
+            event(handlers.prefetch, inputs=prefetch_inputs, outputs=[prefetch_status, ticker], api_visibility="private", queue=False)
         prefetch_button = gr.Button("prefetch", visible=False)
         prefetch_button.click(
             handlers.prefetch_and_wait, inputs=prefetch_inputs, outputs=[prefetch_status], api_name="prefetch",
             api_description="Start the fits and calibrations of these normals, methods and options; returns when ready.",
             concurrency_id="prefetch", concurrency_limit=limits.MAX_QUEUED_JOBS, time_limit=limits.REQUEST_TIMEOUT_SECONDS,
         )
-        ticker = gr.Timer(TICK_SECONDS)
         ticker.tick(
             handlers.tick,
             inputs=[threshold, alpha, colormap],
-            outputs=[*render_outputs, state, *progress_texts, prefetch_status, warm_status],
+            outputs=[*render_outputs, state, *progress_texts, prefetch_status, warm_status, ticker],
             api_visibility="private", queue=False, show_progress="hidden",
         )
         demo.unload(handlers.session_closed)

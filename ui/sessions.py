@@ -6,15 +6,21 @@ A Run's stream ends as soon as every method is shown; a method whose calibration
 encoder forwards may be shown with its default calibration, marked provisional. Its final
 calibration then runs as background work (``InspectionService.calibrate_in_background``),
 outside the queue slot other Runs need, and the page's timer picks the final report up on
-its next tick (``PendingCalibrations.landed``) and redraws.
+its next tick (``PendingCalibrations.landed``) and redraws. The timer runs only while a
+session has such work: ``IdleTicks`` counts the ticks that found none.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
+
+#: Ticks in a row that find no background work before the page's timer stops; more than one,
+#: so a tick answered just before an upload's background work started cannot stop it.
+IDLE_TICKS_BEFORE_STOP = 2
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,63 @@ class PendingCalibrations:
         """The sessions with a job (finished or not) still kept."""
         with self._lock:
             return list(self._jobs)
+
+
+class IdleTicks:
+    """Per session, the timer ticks in a row that found nothing running; thread-safe."""
+
+    def __init__(self, limit: int = IDLE_TICKS_BEFORE_STOP) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, session: str, busy: bool) -> bool:
+        """Count one tick of ``session``; ``True`` when the timer should stop now (the
+        ``limit``-th idle tick in a row), after which the count starts again."""
+        with self._lock:
+            if busy:
+                self._counts.pop(session, None)
+                return False
+            idle = self._counts.get(session, 0) + 1
+            if idle >= self.limit:
+                self._counts.pop(session, None)
+                return True
+            self._counts[session] = idle
+            return False
+
+    def drop(self, session: str) -> None:
+        """Forget the session (its page closed)."""
+        with self._lock:
+            self._counts.pop(session, None)
+
+    def sessions(self) -> list[str]:
+        """The sessions with idle ticks counted."""
+        with self._lock:
+            return list(self._counts)
+
+
+class StreamingRuns:
+    """The sessions with a Run streaming now (a count each); thread-safe."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, session: str) -> Iterator[None]:
+        """Count a Run of ``session`` for the duration of the block."""
+        with self._lock:
+            self._counts[session] = self._counts.get(session, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._counts[session] -= 1
+                if not self._counts[session]:
+                    del self._counts[session]
+
+    def __contains__(self, session: object) -> bool:
+        with self._lock:
+            return session in self._counts

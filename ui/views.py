@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from detector import limits, maps
-from detector.inspection import BatchRow, ExplanationView, flagged_counts, thumbnail, verdict
+from detector.inspection import BatchRow, ExplanationView, agreement, flagged_counts, thumbnail, verdict
 from detector.outcomes import InspectionReport, MethodOutcome, WeightsFacts
 from detector.registry import get_method, get_spec, list_methods
 from detector.service import InspectionService
@@ -121,6 +121,15 @@ def comparison_image(report: InspectionReport, threshold: float) -> np.ndarray:
         mask = maps.threshold_mask(outcome.calibrated_map(), threshold)
         image = maps.draw_contours(image, mask, method_colour(outcome.method, index), width)
     return image
+
+
+def agreement_outputs(report: InspectionReport | None, threshold: float) -> tuple[np.ndarray | None, str]:
+    """``#agreement`` and ``#agreement-summary``: where the methods' calibrated maps agree at
+    ``threshold`` on the query, and one line saying so; ``(None, "")`` without results."""
+    if report is None or not report.outcomes:
+        return None, ""
+    view = agreement({o.display_name: o.calibrated_map() for o in report.outcomes}, float(threshold), base_image=report.query.rgb)
+    return view.image, f"**Agreement** (yellow = one method … red = all): {view.summary}."
 
 
 def comparison_legend(report: InspectionReport | None) -> str:
