@@ -48,6 +48,9 @@ FITTED_DETECTOR_CACHE_SIZE = 24
 #: request's own work (``detector.scheduler``).
 MAX_BACKGROUND_JOBS = 1
 
+#: Slot grants the scheduler remembers for diagnostics (the oldest are forgotten first).
+SCHEDULER_GRANTS_KEPT = 1000
+
 #: Distinct backbones kept in memory per process.
 BACKBONE_CACHE_SIZE = 4
 

@@ -12,6 +12,7 @@ run in a bounded pool (``limits.MAX_BACKGROUND_JOBS``).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -52,8 +53,9 @@ class CpuScheduler:
         self._background_jobs = int(background_jobs)
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
-        #: ``("foreground" | "background", label)`` of every slot grant, in order (diagnostics, tests).
-        self.grants: list[tuple[str, str]] = []
+        #: ``("foreground" | "background", label)`` of the latest slot grants, oldest first
+        #: (diagnostics, tests); bounded so a long-running server does not grow it.
+        self.grants: deque[tuple[str, str]] = deque(maxlen=limits.SCHEDULER_GRANTS_KEPT)
 
     @property
     def in_background(self) -> bool:

@@ -220,6 +220,10 @@ def test_config_from_flags_and_environment():
                                {**env, "GRADIO_SERVER_PORT": "7002"})
     assert (flagged.backbone, flagged.server_port, flagged.method_options["anople"]["steps"]) == ("ViT-B-16", 7001, 3)
     assert app.parse_config([], {"GRADIO_SERVER_PORT": "7002", "PORT": "7003"}).server_port == 7002
+    # No runtime configured: the methods' own default (DETECTOR_RUNTIME, else auto) decides.
+    assert "runtime" not in app.AppConfig().service_config().method_options["anople"]
+    assert app.parse_config(["--runtime", "openvino"], {}).service_config().method_options["inctrl"]["runtime"] == "openvino"
+    assert app.parse_config([], {"DETECTOR_RUNTIME": "torch"}).service_config().method_options["faprompt"]["runtime"] == "torch"
     kwargs = app.launch_kwargs(config)
     assert kwargs["max_file_size"] == app.limits.MAX_UPLOAD_BYTES
     assert kwargs["allowed_paths"] == [str(ROOT / "assets")]

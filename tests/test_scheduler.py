@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from detector import limits
 from detector.base import Detector, MethodOutput
 from detector.scheduler import CancelToken, CpuScheduler
 from detector.service import InspectionService
@@ -191,6 +192,16 @@ def test_scheduler_slot_is_reentrant_and_background_is_bounded():
     token.cancel()
     with pytest.raises(Exception, match="cancelled"):
         token.check("stage")
+
+
+def test_the_scheduler_remembers_a_bounded_number_of_grants():
+    scheduler = CpuScheduler()
+    for index in range(limits.SCHEDULER_GRANTS_KEPT + 5):
+        with scheduler.slot(f"piece {index}"):
+            pass
+    assert len(scheduler.grants) == limits.SCHEDULER_GRANTS_KEPT
+    assert scheduler.grants[0] == ("foreground", "piece 5")
+    assert scheduler.grants[-1] == ("foreground", f"piece {limits.SCHEDULER_GRANTS_KEPT + 4}")
 
 
 class CalibratingDetector(SteppedDetector):

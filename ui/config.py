@@ -18,7 +18,7 @@ from detector.base import set_arguments
 from detector.checkpoint_sets import OFFICIAL, resolve_set
 from detector.errors import CheckpointError
 from detector.registry import get_method, get_spec, list_methods
-from detector.runtime import DEFAULT_RUNTIME, RUNTIME_VARIABLE, RUNTIMES
+from detector.runtime import RUNTIME_VARIABLE, RUNTIMES
 from detector.service import ServiceConfig
 
 
@@ -32,7 +32,8 @@ class AppConfig:
         method_options: per method name, default options (e.g. a preset).
         device, threads: torch device and CPU threads (OpenVINO uses torch's count).
         runtime: what runs every method's frozen image path (``detector.runtime``):
-            ``"auto"`` (default), ``"openvino"`` or ``"torch"``.
+            ``"auto"``, ``"openvino"`` or ``"torch"``; ``None`` = the methods' default
+            (``DETECTOR_RUNTIME`` when set, else ``"auto"``).
         server_name, server_port: where Gradio listens.
         examples: offer the example sets.
         warm_start: build the models in the background right after start-up.
@@ -44,7 +45,7 @@ class AppConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
     threads: int | None = None
-    runtime: str = DEFAULT_RUNTIME
+    runtime: str | None = None
     server_name: str | None = None
     server_port: int | None = None
     examples: bool = True
@@ -56,7 +57,7 @@ class AppConfig:
             backbone_weights=self.backbone_weights or None,
             checkpoints=with_official_defaults(self.checkpoints, self.backbone),
             method_options={
-                method: {"runtime": self.runtime, **dict(self.method_options.get(method, {}))}
+                method: {**({"runtime": self.runtime} if self.runtime else {}), **dict(self.method_options.get(method, {}))}
                 for method in dict.fromkeys([*list_methods(), *self.method_options])
             },
             device=self.device,
