@@ -26,17 +26,19 @@ from concurrent.futures import Future
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 from . import limits
+from .answer_order import fastest_first
 from .base import Detector, check_normal_count, set_arguments
 from .checkpoint_sets import checkpoint_in_use
 from .errors import RequestTimeoutError, WeightsUnavailableError
 from .images import fingerprint, load_image
 from .inspection.batch import BatchResult
 from .service_batch import run_batch
-from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, outcome_of, weights_text
-from .progress import Deadline, ProgressCallback, method_reporter, scaled
+from .outcomes import FittedDetector, InspectionReport, MethodOutcome, is_meaningless, weights_text
+from .progress import ProgressCallback, scaled
 from .prefetch import Prefetcher
 from .scheduler import CancelToken, CpuScheduler
-from .registry import create_detector, get_method, list_methods, method_options
+from .registry import create_detector, get_method, method_options
+from .report_steps import report_steps
 from .requests import check_batch_size, methods_and_normals
 from .service_config import ServiceConfig
 from .status import MethodStatus, method_status
@@ -343,13 +345,8 @@ class InspectionService:
         return report
 
     def order_methods(self, methods: Sequence[str], normals_count: int, fitted: Mapping[str, bool]) -> list[str]:
-        """``methods`` fastest first: by each spec's cost to a first answer (a cached fit
-        costs nothing), registration order on ties."""
-        order = {name: i for i, name in enumerate(list_methods())}
-        return sorted(
-            methods,
-            key=lambda m: (get_method(m).spec.cost.first_answer(normals_count, fitted=fitted.get(m, False)), order.get(m, 0)),
-        )
+        """``methods`` fastest first (``answer_order.fastest_first``)."""
+        return fastest_first(methods, normals_count, fitted)
 
     def iter_inspect(
         self,
@@ -363,9 +360,10 @@ class InspectionService:
         method_progress: Callable[[str, str], None] | None = None,
         timeout: float | None = None,
         defer_final_calibration: bool = False,
+        coalesce_within: float = 0.0,
     ) -> Iterator[InspectionReport]:
         """Run ``methods`` on ``query`` against ``normals``, yielding the report each time a
-        method finishes (fastest first). A method whose calibration costs encoder forwards
+        method finishes (fastest first, ``answer_order.fastest_first``). A method whose calibration costs encoder forwards
         (``RelativeCost.defers_calibration``) is first yielded with its default calibration
         marked ``provisional``; the last report has every calibration final, unless
         ``defer_final_calibration`` leaves it to the caller (``calibrate_in_background``).
@@ -382,6 +380,10 @@ class InspectionService:
                 each fit and prediction and at every fit progress step.
             defer_final_calibration: end after every method is shown, provisional ones
                 included (the app then calibrates them as background work).
+            coalesce_within: a finished method's report is held back while the next method
+                is expected to answer within this many B forwards (``answer_order.due_within``),
+                so answers that close together come as one report; if the next one fails, the
+                held report still comes before the error. 0 = one report per method.
 
         Raises:
             RequestTimeoutError: ``timeout`` passed; nothing half-fitted is cached.
@@ -389,67 +391,11 @@ class InspectionService:
             InvalidImageError: a normal or query image that cannot be used.
         """
         with self.scheduler.request():  # background calibrations wait until it ends
-            yield from self._report_steps(
-                methods, normals, query, class_name, options, progress, method_progress, timeout, defer_final_calibration
+            yield from report_steps(
+                self, methods, normals, query, class_name=class_name, options=options, progress=progress,
+                method_progress=method_progress, timeout=timeout, defer_final_calibration=defer_final_calibration,
+                coalesce_within=coalesce_within,
             )
-
-    def _report_steps(
-        self, methods, normals, query, class_name, options, progress, method_progress, timeout, defer_final_calibration
-    ) -> Iterator[InspectionReport]:
-        if query is None:
-            raise ValueError("no query image given")
-        names, loaded_normals = methods_and_normals(methods, normals)
-        loaded_query = load_image(query)
-        digest = fingerprint(loaded_normals)
-        deadline = Deadline(timeout)
-        per_method = {name: self.options_for(name, class_name, (options or {}).get(name)) for name in names}
-        cached = set(self.cached_keys())
-        requested = list(names)  # the report lists the methods in the order asked for
-        names = self.order_methods(names, len(loaded_normals), {n: self.key_for(n, per_method[n], digest, len(loaded_normals)) in cached for n in names})
-        outcomes: dict[str, MethodOutcome] = {}
-        share = 1.0 / len(names)
-
-        def report() -> InspectionReport:
-            return InspectionReport(
-                outcomes=tuple(outcomes[n] for n in requested if n in outcomes),
-                query=loaded_query,
-                num_normals=len(loaded_normals),
-                normals_fingerprint=digest,
-                normals=tuple(loaded_normals),
-            )
-
-        entries: dict[str, FittedDetector] = {}
-        for index, name in enumerate(names):
-            cls = get_method(name)
-            base = index * share
-            tell = method_reporter(name, cls.display_name, progress, method_progress, base, share)
-            deadline.check(f"before {cls.display_name}")
-            entries[name], reused = self.fitted(
-                name,
-                loaded_normals,
-                options=per_method[name],
-                normals_fingerprint=digest,
-                progress=deadline.guard(tell, cls.display_name),
-                defer_calibration=True,
-            )
-            deadline.check(f"before scoring with {cls.display_name}")
-            tell(0.8, "scoring the query")
-            start = time.perf_counter()
-            with self.scheduler.slot(f"predict {name}"):
-                result = entries[name].detector.predict(loaded_query)
-            outcomes[name] = outcome_of(cls, entries[name], result, time.perf_counter() - start, reused)
-            tell(1.0, "provisional (calibrating)" if entries[name].provisional else "done")
-            yield report()
-        pending = [] if defer_final_calibration else [n for n in names if outcomes[n].provisional]
-        for name in pending:
-            deadline.check(f"before calibrating {get_method(name).display_name}")
-            outcomes[name] = self.final_outcome(outcomes[name])
-            if method_progress is not None:
-                method_progress(name, f"{get_method(name).display_name}: done")
-        if progress is not None:
-            progress(1.0, "done")
-        if pending:
-            yield report()
 
     def final_outcome(self, outcome: MethodOutcome) -> MethodOutcome:
         """``outcome`` with its entry's final calibration (computed now when still provisional)."""

@@ -172,6 +172,26 @@ def test_prefetched_work_is_reused_by_run(files):
     assert handlers.service.prefetcher.job("s2") is None
 
 
+
+def test_a_second_query_draws_answers_due_close_together_in_one_message(files):
+    """With every fit cached, the methods whose answers are expected within
+    ``COALESCE_FORWARDS`` of the one before come in that one's message."""
+    from detector.answer_order import answer_cost, fastest_first
+    from ui.handlers import COALESCE_FORWARDS
+
+    handlers = make_handlers()
+    normals, query = files
+    methods = ["InCTRL", "AnoPLe", "FAPrompt"]
+    list(handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=session("s9")))
+    first, second, third = fastest_first(handlers.methods, len(normals), {m: True for m in handlers.methods})
+    due = {m: answer_cost(m, len(normals), True) <= COALESCE_FORWARDS for m in (second, third)}
+    assert due == {second: True, third: False}, "the declared costs no longer group the first two answers"
+    messages = list(handlers.detect_stream(normals, query, methods, "object", 0.5, progress=None, request=session("s9")))
+    shown = [sorted(outputs[0]["methods"]) for outputs in result_messages(handlers, messages)]
+    assert shown == [sorted([first, second]), sorted([first, second, third])]
+    assert all(entry["reused_fit"] for entry in result_messages(handlers, messages)[-1][0]["methods"].values())
+
+
 def test_prefetch_reports_unusable_input_without_failing(files, tmp_path):
     handlers = make_handlers()
     broken = tmp_path / "broken.png"

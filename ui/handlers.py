@@ -35,6 +35,10 @@ LOG = logging.getLogger("app")
 WARMING_UP = "warming up: building the models"
 #: Seconds between the progress messages of a streaming Run (when a method's text changed).
 PROGRESS_SECONDS = 0.5
+#: A method's answer waits for the next one when that is expected within this many
+#: ViT-B-16-plus-240 forwards (``detector.answer_order.due_within``): each message costs the
+#: server and the page a redraw on the cores the next predict runs on.
+COALESCE_FORWARDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,7 @@ class InspectionApp(BatchMode):
         with self.streaming_runs.running(session):
             try:
                 for step in with_beats(self.inspection_steps({**form, "progress": None}, defer_final_calibration=True), PROGRESS_SECONDS):
-                    texts = self.stream_texts(request)
                     if step is BEAT:
-                        if texts == sent:
-                            continue
                         render = unchanged_render
                     elif step is None:
                         render = (*self.empty_outputs(), None)
@@ -161,6 +162,11 @@ class InspectionApp(BatchMode):
                         changed = None if drawn is None else {o.method for o in step.outcomes if drawn.get(o.method) is not o}
                         drawn = {o.method: o for o in step.outcomes}
                         render = (*self.render(step, form["threshold"], form["alpha"], form["colormap"], methods=changed), step)
+                    # read after drawing: by then the next method has usually said what it does,
+                    # which saves a progress message of its own while that method computes
+                    texts = self.stream_texts(request)
+                    if step is BEAT and texts == sent:
+                        continue
                     yield self.stream_outputs(render, None if texts == sent else texts, clear_explanation=first)
                     sent, first = texts, False
             except Exception:  # the columns say which methods stopped; Gradio shows the error
@@ -212,6 +218,7 @@ class InspectionApp(BatchMode):
             method_progress=lambda method, message: board.__setitem__(method, message),
             timeout=limits.REQUEST_TIMEOUT_SECONDS,  # Gradio's time_limit only applies to streams
             defer_final_calibration=defer_final_calibration,
+            coalesce_within=COALESCE_FORWARDS,
         )
         report = None
         try:
