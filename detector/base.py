@@ -247,7 +247,9 @@ class Detector(abc.ABC):
 
     def warm_up(self) -> None:
         """Compute what every later call reuses (e.g. text features of the class name), so a
-        warm start leaves nothing for the first request. Default: nothing."""
+        warm start leaves nothing for the first request; the service also calls it after each
+        fit, so a prefetched fit leaves nothing for the Run. Repeated calls cost nothing.
+        Default: nothing."""
 
     def _result_warnings(self) -> tuple[str, ...]:
         """Warnings that hold for every result of this detector (e.g. a shot-count mismatch)."""

@@ -234,6 +234,9 @@ class InspectionService:
                 detector, fallback = self._build(cls.name, options)
                 start = time.perf_counter()
                 detector.fit(loaded, progress=scaled(stage, 0.05, 0.9, f"fitting {cls.display_name}"))
+                # what every predict of this detector reuses (e.g. FAPrompt's text features)
+                # comes with the fit, so a prefetched fit leaves none of it to the Run
+                detector.warm_up()
                 fit_seconds = time.perf_counter() - start
                 provisional = defer_calibration and cls.spec.cost.defers_calibration and detector.num_normals >= 2
                 stage(0.9, f"calibrating {cls.display_name}")

@@ -34,7 +34,11 @@ class CountingDetector(Detector):
             progress(0.5, "half way")
         self.reference = float(np.mean([img.rgb.mean() for img in normals.images])) if len(normals) else 0.0
 
+    def warm_up(self):
+        self.calls.setdefault("order", []).append("warm_up")
+
     def _encode(self, batch):
+        self.calls.setdefault("order", []).append("predict")
         self.calls["predict"] = self.calls.get("predict", 0) + 1
         return [float(image.rgb.mean()) for image in batch.images]
 
@@ -79,6 +83,19 @@ def test_same_normals_fit_once_and_different_sets_are_isolated():
     third = service.inspect(["inctrl"], set_a, flat(200))
     assert third.outcomes[0].result.score == pytest.approx(95 / 255)
     assert calls["fit"] == 2
+
+
+def test_a_fit_computes_what_every_predict_reuses_before_the_first_predict():
+    """A prefetched fit (calibration deferred) leaves the detector's reused state (``warm_up``)
+    to no query: it is computed once with the fit, a reused fit does not compute it again."""
+    calls: dict = {}
+    service = InspectionService(factory=counting_factory(calls))
+    normals = [flat(30), flat(40)]
+    service.fitted("inctrl", normals, defer_calibration=True)
+    assert calls["order"] == ["warm_up"]
+    service.inspect(["inctrl"], normals, flat(90))
+    service.inspect(["inctrl"], normals, flat(95))
+    assert calls["order"] == ["warm_up", "predict", "predict"]
 
 
 def test_cache_key_contains_method_options_and_fingerprint():
