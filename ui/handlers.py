@@ -142,8 +142,8 @@ class InspectionApp(BatchMode):
         and in between the progress texts when one changed. The stream ends when every method
         is shown; provisional calibrations are finished as background work and redrawn by the
         timer (``tick``), which the last message starts, so the queue slot is free for other
-        Runs. While the stream runs it carries the session's texts and its first message stops
-        the timer (each message or tick costs the page a redraw of every output's loading state). Gradio's own
+        Runs. While the stream runs it carries the session's texts and the timer rests (each
+        message costs the page a redraw of every output's loading state). Gradio's own
         progress overlay is not used: every column has its own progress text."""
         request = form.get("request")
         session = _session(request)
@@ -167,30 +167,28 @@ class InspectionApp(BatchMode):
                     texts = self.stream_texts(request)
                     if step is BEAT and texts == sent:
                         continue
-                    yield self.stream_outputs(render, None if texts == sent else texts, clear_explanation=first, timer=False if first else None)
+                    yield self.stream_outputs(render, None if texts == sent else texts, clear_explanation=first)
                     sent, first = texts, False
             except Exception:  # the columns say which methods stopped; Gradio shows the error
                 texts = self.stream_texts(request)
-                yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=first, timer=True)
+                yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=first, start_timer=True)
                 raise
         if self.background_running(session):
             texts = self.stream_texts(request)
-            yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=False, timer=True)
+            yield self.stream_outputs(unchanged_render, None if texts == sent else texts, clear_explanation=False, start_timer=True)
 
     def stream_texts(self, request: Any) -> list[str]:
         """What a Run's stream keeps up to date besides the results: each method's progress
         text and ``#prefetch-status``."""
         return [*self.progress_texts(request), self.prefetch_status(request)]
 
-    def stream_outputs(self, render: tuple, texts: list[str] | None, *, clear_explanation: bool, timer: bool | None = None) -> tuple:
+    def stream_outputs(self, render: tuple, texts: list[str] | None, *, clear_explanation: bool, start_timer: bool = False) -> tuple:
         """One message of the Run's stream, in ``ui.layout``'s order: the render outputs and
         state, the ``stream_texts`` (``None``: unchanged), the explanation view (cleared by
-        the first message), and the timer: ``False`` stops it (the first message: the stream
-        carries the texts, and each tick would cost the page a redraw during the predicts),
-        ``True`` starts it (the last, when background work is left to show), ``None`` leaves it."""
+        the first message), and the timer (started when background work is left to show)."""
         texts = [gr.skip()] * (len(self.methods) + 1) if texts is None else list(texts)
         explanation = ("", None, None) if clear_explanation else (gr.skip(),) * 3
-        return (*render, *texts, *explanation, gr.skip() if timer is None else gr.Timer(active=timer))
+        return (*render, *texts, *explanation, gr.Timer(active=True) if start_timer else gr.skip())
 
     def inspection_steps(self, form: Mapping[str, Any], *, defer_final_calibration: bool) -> Iterator[InspectionReport | None]:
         """The report each time a method finishes (``None`` alone when no method is ticked).
