@@ -21,7 +21,9 @@ work) in this process instead, without Gradio's transport and the page. Measured
 (b) and (c) are repeated ``--repeats`` times (new sessions with normals of their own for
 (b), queries alternating for (c)) and P is the sum of each method's median predict over as
 many repeats; the tables show medians, the JSON every run. (a) needs a fresh server and is
-measured once.
+measured once. F, B and P are measured before and after the Runs (``bracketed``): a
+machine's speed drifts over the minutes of a run, and a ratio against one side alone moved
+by up to 15 %.
 
 Targets (issue "first answer"): cold first <= 8 B, cold all <= 5 F, prefetched all <= 1.2 P,
 second query <= 1.2 P. ``--quick`` runs the tiny backbone (seconds; the tests use it).
@@ -140,6 +142,24 @@ def reference_times(
     }
 
 
+def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """F, B and P from ``reference_times`` measured before and after the Runs: the machine's
+    speed drifts by up to ~15 % over the minutes between them, so F and B are the means of
+    the two and each method's predict is the median of both samples; ``drift`` keeps P of
+    each side."""
+    plain_all = {method: [*before["plain_predict_all_s"][method], *after["plain_predict_all_s"][method]] for method in before["plain_predict_all_s"]}
+    plain = {method: statistics.median(times) for method, times in plain_all.items()}
+    return {
+        **before,
+        "F_s": (before["F_s"] + after["F_s"]) / 2,
+        "B_s": (before["B_s"] + after["B_s"]) / 2,
+        "P_s": sum(plain.values()),
+        "plain_predict_s": plain,
+        "plain_predict_all_s": plain_all,
+        "drift": {side: {key: times[key] for key in ("F_s", "B_s", "P_s")} for side, times in (("before", before), ("after", after))},
+    }
+
+
 def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The run of median ``all_s`` (the lower middle one of an even count)."""
     ordered = sorted(runs, key=lambda run: run["all_s"])
@@ -244,6 +264,7 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
             fresh.service.prefetcher.job(session).wait()
             prefetch_s.append(time.perf_counter() - start)
             prefetched.append(_timed_run(fresh, own_normals, own_queries[0], names, session))
+        reference = bracketed(reference, reference_times(quick, threads, [p for p, _ in normals], queries[0], learner, repeats=repeats))
     return summary(reference, cold, second, prefetched, prefetch_s, threads=threads, quick=quick, driver="in-process")
 
 
@@ -271,6 +292,10 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         met = "yes" if ratio <= TARGETS[name] else "no"
         lines.append(f"| {name} | {result[seconds[name]]:.3g} | {ratio:.2f} | <= {TARGETS[name]} | {met} |")
+    drift = result.get("drift")
+    if drift:
+        lines += ["", "F, B and P measured before and after the Runs (their means and the median predicts count): " + "; ".join(
+            f"{name[0]} {drift['before'][name]:.3g} / {drift['after'][name]:.3g} s" for name in ("F_s", "B_s", "P_s")) + "."]
     repeats = result.get("repeats")
     if repeats:
         second, prefetched = (", ".join(f"{value / result['P_s']:.2f}" for value in repeats[key]) for key in ("second_query_all_s", "prefetched_all_s"))

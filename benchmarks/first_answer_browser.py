@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .first_answer import DEFAULT_REPEATS, PREFETCHED_SEED, benchmark_images, median_run, reference_times, summary
+from .first_answer import DEFAULT_REPEATS, PREFETCHED_SEED, benchmark_images, bracketed, median_run, reference_times, summary
 from .measure import benchmarked_checkpoints, in_subprocess, random_prompt_learner
 from .served_app import app_page, cpu_seconds, served_app
 
@@ -158,8 +158,9 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
                     wait_until_ready(page, "#prefetch-status", f"on {len(own_normals)} normals: ready", RUN_TIMEOUT_MS)
                     prefetch_s.append(time.perf_counter() - start)
                     prefetched.append(timed_run(page, methods, app.pid))
+        after = in_subprocess(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir), repeats)
     return summary(
-        reference,
+        bracketed(reference, after),
         cold,
         second,
         prefetched,

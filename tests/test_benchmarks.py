@@ -104,9 +104,13 @@ def test_first_answer_benchmark_quick_prints_every_ratio(tmp_path, capsys):
     assert len(runs["second_query_all_s"]) == len(runs["prefetched_all_s"]) == len(runs["prefetch_s"]) == 2
     assert result["second_query_s"] == min(runs["second_query_all_s"])
     assert result["prefetched_all_s"] == min(runs["prefetched_all_s"])
-    assert all(len(times) == 2 for times in result["plain_predict_all_s"].values())
+    # F, B and P measured before and after the Runs: two predicts per method on each side.
+    assert all(len(times) == 4 for times in result["plain_predict_all_s"].values())
     assert result["P_s"] == pytest.approx(sum(statistics.median(t) for t in result["plain_predict_all_s"].values()))
-    assert "Each run / P" in text
+    drift = result["drift"]
+    assert result["F_s"] == pytest.approx((drift["before"]["F_s"] + drift["after"]["F_s"]) / 2)
+    assert drift["before"]["P_s"] > 0 and drift["after"]["P_s"] > 0
+    assert "Each run / P" in text and "measured before and after the Runs" in text
 
 
 @pytest.mark.browser
@@ -125,6 +129,7 @@ def test_first_answer_benchmark_drives_the_served_app_in_chromium(tmp_path, caps
     assert result["ratios"]["cold_first / B"] == pytest.approx(result["cold_first_s"] / result["B_s"])
     assert result["ratios"]["second_query / P"] == pytest.approx(result["second_query_s"] / result["P_s"])
     assert len(result["repeats"]["second_query_all_s"]) == len(result["repeats"]["prefetched_all_s"]) == 2
+    assert result["drift"]["after"]["P_s"] > 0  # P measured again once the server is closed
     for run in ("cold", "second", "prefetched"):
         assert result["cpu_s"][run]["server"] > 0  # read from /proc for the app's own process
     text = capsys.readouterr().out
