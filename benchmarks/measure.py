@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -96,9 +97,11 @@ def method_options(method: str, quick: bool, directory: Path) -> dict[str, Any]:
 
 
 def in_subprocess(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(fn, args)
+    """``fn(*args)`` in a fresh spawned process (its own backbone cache and peak memory). The
+    worker exits on its own when the call returns (a terminated pool worker leaves its
+    semaphores to the resource tracker)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def format_value(value: Any) -> str:
