@@ -33,6 +33,7 @@ Prints a Markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -242,7 +243,8 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
         folder = Path(tmp)
         normals, queries = benchmark_images(folder)
         learner = str(random_prompt_learner(quick, folder))
-        reference = reference_times(quick, threads, [p for p, _ in normals], queries[0], learner, repeats=repeats)
+        measure_reference = functools.partial(reference_times, quick, threads, [p for p, _ in normals], queries[0], learner, repeats=repeats)
+        reference = measure_reference()  # and again after the Runs (``bracketed``)
 
         handlers = _handlers(quick, learner)
         handlers.warm_start()
@@ -264,7 +266,7 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
             fresh.service.prefetcher.job(session).wait()
             prefetch_s.append(time.perf_counter() - start)
             prefetched.append(_timed_run(fresh, own_normals, own_queries[0], names, session))
-        reference = bracketed(reference, reference_times(quick, threads, [p for p, _ in normals], queries[0], learner, repeats=repeats))
+        reference = bracketed(reference, measure_reference())
     return summary(reference, cold, second, prefetched, prefetch_s, threads=threads, quick=quick, driver="in-process")
 
 

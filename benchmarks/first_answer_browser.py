@@ -16,6 +16,7 @@ around Playwright waits that poll the page every ``POLL_MS``.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -137,7 +138,9 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
         normal_paths = [path for path, _ in normals]
         cache_dir = folder / "cache"  # the reference process converts, the app reads
         learner = str(random_prompt_learner(quick, folder))
-        reference = in_subprocess(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir), repeats)
+        # F, B and P in a process of their own, before the Runs and again after them
+        measure_reference = functools.partial(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir), repeats)
+        reference = in_subprocess(measure_reference)
         environment = app_environment(quick, threads, cache_dir, benchmarked_checkpoints(learner))
         started = time.perf_counter()
         second, second_upload_s, prefetched, prefetch_s = [], [], [], []
@@ -158,7 +161,7 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
                     wait_until_ready(page, "#prefetch-status", f"on {len(own_normals)} normals: ready", RUN_TIMEOUT_MS)
                     prefetch_s.append(time.perf_counter() - start)
                     prefetched.append(timed_run(page, methods, app.pid))
-        after = in_subprocess(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir), repeats)
+        after = in_subprocess(measure_reference)
     return summary(
         bracketed(reference, after),
         cold,
