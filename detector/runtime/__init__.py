@@ -236,14 +236,6 @@ def _compiled(path: ImagePath, threads: int, root: str) -> "object | str":
         return text.splitlines()[0][:300]
 
 
-def conversion_count() -> int:
-    """How many exports + conversions this process has started (models read from the disk
-    cache or shared from memory do not count)."""
-    from .openvino_backend import conversions
-
-    return conversions()
-
-
 def clear_runtime_cache() -> None:
     """Forget every compiled path and fingerprint of this process (tests, long-running tools)."""
     _compiled.cache_clear()
@@ -264,7 +256,6 @@ __all__: Sequence[str] = (
     "check_runtime",
     "choose_runtime",
     "clear_runtime_cache",
-    "conversion_count",
     "default_runtime",
     "inputs_signature",
     "openvino_available",

@@ -39,14 +39,6 @@ Shapes = tuple[tuple[int, ...], ...]
 #: ``run(pixels (B, 3, S, S), *inputs) -> tuple of float32 tensors``.
 Run = Callable[..., tuple[torch.Tensor, ...]]
 
-_conversions = 0
-
-
-def conversions() -> int:
-    """Exports + conversions started by ``build`` in this process."""
-    return _conversions
-
-
 def runtime_version() -> str:
     """Versions a converted model depends on (part of its cache key)."""
     import openvino
@@ -186,8 +178,6 @@ def build(
     records them)."""
     import openvino
 
-    global _conversions
-
     start = time.perf_counter()
     model_file = cache.valid_entry(key, root)
     if model_file is not None:
@@ -196,7 +186,6 @@ def build(
             return Compiled(run, "cache", time.perf_counter() - start, model_file)
         except Exception:
             cache.remove_entry(key, root)
-    _conversions += 1
     model = export_and_convert(module, image_size, input_shapes)
 
     def save(path: Path) -> None:
