@@ -4,9 +4,13 @@ of the same run (its fit budget) and the fit seconds of every preset."""
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, Callable
+
+from detector.methods.anople import AnoPLeDetector
 
 from .measure import create, format_value, timed
+
+ANOPLE = AnoPLeDetector.name
 
 #: AnoPLe's faithful preset is timed on its first steps and extrapolated to its full schedule.
 FAITHFUL_TIMED_STEPS = 20
@@ -25,7 +29,7 @@ def anople_fit_ratios(quick: bool, normals: list, encoder_input: Any) -> dict[st
 
     table: dict[str, Any] = {}
     for k in ANOPLE_RATIO_SHOTS:
-        det = create("anople", quick, **({"steps": 3} if quick else {}))
+        det = create(ANOPLE, quick, **(dict(AnoPLeDetector.spec.quick_options) if quick else {}))
         encoder = det.backbone.model
         with torch.inference_mode():
             encoder.encode_image(encoder_input)  # warm-up
@@ -76,7 +80,7 @@ def anople_presets(quick: bool, normals: list) -> dict[str, Any]:
         steps = min(full_steps, FAITHFUL_TIMED_STEPS) if preset == "faithful" else full_steps
         if quick:
             steps = min(steps, 3)
-        det = create("anople", quick, preset=preset, steps=steps)
+        det = create(ANOPLE, quick, preset=preset, steps=steps)
         entry: dict[str, Any] = {"steps_timed": steps, "steps_full": full_steps if not quick else steps}
         for k in ((1,) if quick else (1, 4, 8)):
             seconds = timed(lambda: det.fit(normals[:k]))
@@ -99,3 +103,12 @@ def anople_table(presets: dict[str, Any]) -> str:
             f"| {format_value(entry.get('k8_s'))} | {note} |"
         )
     return "\n".join(lines)
+
+
+def anople_rows(quick: bool, normals: list, encoder_input: Any) -> dict[str, Any]:
+    """The entries AnoPLe's benchmark row adds: its fit ratios and its presets' fit times."""
+    return {"anople_fit_ratios": anople_fit_ratios(quick, normals, encoder_input), "anople_presets": anople_presets(quick, normals)}
+
+
+#: method -> ``(quick, normals, encoder input) -> entries`` added to its benchmark row.
+EXTRA_ROWS: dict[str, Callable[[bool, list, Any], dict[str, Any]]] = {ANOPLE: anople_rows}

@@ -44,7 +44,7 @@ import types
 from pathlib import Path
 from typing import Any, Sequence
 
-from .measure import benchmarked_checkpoints, random_prompt_learner
+from .measure import benchmarked_checkpoints
 
 SHOTS = 3
 #: Runs of (b) and (c), and predicts per method for P; their medians count.
@@ -102,11 +102,12 @@ def benchmark_images(folder: Path, seed: int = 5) -> tuple[list[tuple[str, None]
 
 
 def reference_times(
-    quick: bool, threads: int, normals: list[str], query: str, learner: str, cache_dir: str | None = None, repeats: int = 1
+    quick: bool, threads: int, normals: list[str], query: str, checkpoints: dict[str, str], cache_dir: str | None = None, repeats: int = 1
 ) -> dict[str, Any]:
     """F, B and P (see the module docstring) in the current process; P with the default
     runtime, each method fitted on ``normals`` and timed on ``repeats`` predicts of ``query``
-    after a first one (the median counts). ``cache_dir``: the disk cache
+    after a first one (the median counts), with its file of ``checkpoints`` (method ->
+    path, ``benchmarked_checkpoints``) where it has one. ``cache_dir``: the disk cache
     (``DETECTOR_CACHE_DIR``) of this process from now on."""
     import torch
 
@@ -120,7 +121,6 @@ def reference_times(
     F = _forward_seconds(f_model, f_size)
     B = _forward_seconds(b_model, b_size)
     plain, plain_all = {}, {}
-    checkpoints = benchmarked_checkpoints(learner)
     for method in list_methods():
         options = {"checkpoint": checkpoints[method]} if method in checkpoints else {}
         det = create_detector(method, backbone="tiny-test" if quick else None, backbone_weights="random", **options)
@@ -196,10 +196,9 @@ def summary(
     return result
 
 
-def _handlers(quick: bool, faprompt_checkpoint: str):
+def _handlers(quick: bool, checkpoints: dict[str, str]):
     import ui
 
-    checkpoints = benchmarked_checkpoints(faprompt_checkpoint)
     config = ui.AppConfig(backbone="tiny-test" if quick else None, backbone_weights="random", checkpoints=checkpoints, examples=False)
     return ui.InspectionApp(config)
 
@@ -242,18 +241,18 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         normals, queries = benchmark_images(folder)
-        learner = str(random_prompt_learner(quick, folder))
-        measure_reference = functools.partial(reference_times, quick, threads, [p for p, _ in normals], queries[0], learner, repeats=repeats)
+        checkpoints = benchmarked_checkpoints(quick, folder)
+        measure_reference = functools.partial(reference_times, quick, threads, [p for p, _ in normals], queries[0], checkpoints, repeats=repeats)
         reference = measure_reference()  # and again after the Runs (``bracketed``)
 
-        handlers = _handlers(quick, learner)
+        handlers = _handlers(quick, checkpoints)
         handlers.warm_start()
         while handlers.warm_status.startswith("warming"):
             time.sleep(0.1)
         cold = _timed_run(handlers, normals, queries[0], names, "cold")
         second = [_timed_run(handlers, normals, queries[(index + 1) % 2], names, "cold") for index in range(repeats)]
 
-        fresh = _handlers(quick, learner)  # nothing of the runs above is reused
+        fresh = _handlers(quick, checkpoints)  # nothing of the runs above is reused
         fresh.warm_start()
         while fresh.warm_status.startswith("warming"):
             time.sleep(0.1)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .first_answer import DEFAULT_REPEATS, PREFETCHED_SEED, benchmark_images, bracketed, median_run, reference_times, summary
-from .measure import benchmarked_checkpoints, in_subprocess, random_prompt_learner
+from .measure import benchmarked_checkpoints, in_subprocess
 from .served_app import app_page, cpu_seconds, served_app
 
 POLL_MS = 50
@@ -137,11 +137,11 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
         normals, queries = benchmark_images(folder / "cold")
         normal_paths = [path for path, _ in normals]
         cache_dir = folder / "cache"  # the reference process converts, the app reads
-        learner = str(random_prompt_learner(quick, folder))
+        checkpoints = benchmarked_checkpoints(quick, folder)
         # F, B and P in a process of their own, before the Runs and again after them
-        measure_reference = functools.partial(reference_times, quick, threads, normal_paths, queries[0], learner, str(cache_dir), repeats)
+        measure_reference = functools.partial(reference_times, quick, threads, normal_paths, queries[0], checkpoints, str(cache_dir), repeats)
         reference = in_subprocess(measure_reference)
-        environment = app_environment(quick, threads, cache_dir, benchmarked_checkpoints(learner))
+        environment = app_environment(quick, threads, cache_dir, checkpoints)
         started = time.perf_counter()
         second, second_upload_s, prefetched, prefetch_s = [], [], [], []
         with served_app(environment, folder / "server.log") as app:

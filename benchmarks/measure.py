@@ -50,50 +50,43 @@ def create(method: str, quick: bool, **options: Any):
     return create_detector(method, backbone=backbone, backbone_weights="random", **options)
 
 
-def random_prompt_learner(quick: bool, directory: Path) -> Path:
-    """A FAPrompt prompt-learner file at the official random initialisation (seed 0).
+def random_learned_state(method: str, quick: bool, directory: Path) -> Path | None:
+    """The method's learned parts at random initialisation, written under ``directory`` by
+    its ``artefacts().write_random`` (``None`` when it declares none): with it a method runs
+    the configuration its official code runs (FAPrompt's deep prompts and prior) rather than
+    a cheaper mode without a file."""
+    from detector.backbone import clear_backbone_cache
+    from detector.registry import get_method
 
-    The benchmark runs FAPrompt in its learned configuration (deep prompts and the
-    abnormality prior, two text passes per query), the one the official code runs; without a
-    file the method would run its cheaper training-free word mode.
-    """
-    from detector.backbone import clear_backbone_cache, load_backbone
-    from detector.checkpoints import save_safetensors
-    from detector.methods import faprompt
-
-    model_name = "tiny-test" if quick else faprompt.DEFAULT_BACKBONE
-    backbone = load_backbone(
-        model_name, "random", image_size=faprompt.method_image_size(model_name), quick_gelu=True
-    )
-    learner = faprompt.FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=0)
-    path = save_safetensors(
-        directory / "faprompt-random-prompts.safetensors",
-        learner.state_dict(),
-        {"method": "faprompt", "backbone": model_name, "note": "random initialisation for benchmarking"},
-    )
+    cls = get_method(method)
+    artefacts = cls.artefacts()
+    if artefacts is None or artefacts.write_random is None:
+        return None
+    path = artefacts.write_random(directory, "tiny-test" if quick else cls.spec.default_backbone)
     clear_backbone_cache()
     return path
 
 
-#: Methods benchmarked with a learned-state file at random initialisation
-#: (``random_prompt_learner``): FAPrompt's learned configuration, as the official code runs.
-LEARNED_STATE_METHODS = ("faprompt",)
+def benchmarked_checkpoints(quick: bool, directory: Path) -> dict[str, str]:
+    """Checkpoint per method of the benchmarked configuration (``random_learned_state``),
+    for the methods that declare one."""
+    from detector.registry import list_methods
 
-
-def benchmarked_checkpoints(learner: str) -> dict[str, str]:
-    """Checkpoint per method of the benchmarked configuration: the ``random_prompt_learner``
-    file ``learner`` for each of ``LEARNED_STATE_METHODS``."""
-    return {method: learner for method in LEARNED_STATE_METHODS}
+    files = {method: random_learned_state(method, quick, directory) for method in list_methods()}
+    return {method: str(path) for method, path in files.items() if path is not None}
 
 
 def method_options(method: str, quick: bool, directory: Path) -> dict[str, Any]:
-    """Options of the benchmarked configuration (AnoPLe: fast preset, quick: few steps;
-    FAPrompt: learned prompts at random initialisation)."""
-    if method == "anople" and quick:
-        return {"steps": 3}
-    if method in LEARNED_STATE_METHODS:
-        return {"checkpoint": str(random_prompt_learner(quick, directory))}
-    return {}
+    """Options of the benchmarked configuration: the spec's ``quick_options`` when ``quick``
+    (e.g. few prompt-learning steps), the learned state at random initialisation where the
+    method declares one."""
+    from detector.registry import get_spec
+
+    options: dict[str, Any] = dict(get_spec(method).quick_options) if quick else {}
+    learned = random_learned_state(method, quick, directory)
+    if learned is not None:
+        options["checkpoint"] = str(learned)
+    return options
 
 
 def in_subprocess(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:

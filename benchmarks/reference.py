@@ -20,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from detector.methods.faprompt import FAPromptDetector
+from detector.methods.inctrl import InCTRLDetector
+
 
 def inctrl_official_pattern(det: Any, normals: list, query: Any) -> float:
     """One query the official way: the 242 prompts through the text tower at all 77 token
@@ -114,6 +117,6 @@ def faprompt_official_pattern(det: Any, normals: list, query: Any) -> float:
 
 #: method name -> official-pattern function, for the methods with official code.
 OFFICIAL_PATTERNS: dict[str, Callable[[Any, list, Any], float]] = {
-    "inctrl": inctrl_official_pattern,
-    "faprompt": faprompt_official_pattern,
+    InCTRLDetector.name: inctrl_official_pattern,
+    FAPromptDetector.name: faprompt_official_pattern,
 }

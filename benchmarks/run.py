@@ -31,14 +31,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .anople_fit import anople_fit_ratios, anople_presets, anople_ratio_table, anople_table
+from .anople_fit import EXTRA_ROWS, anople_ratio_table, anople_table
 from .measure import create, format_value, in_subprocess, method_options, peak_rss_mib, percentile, synthetic_images, timed
 from .runtimes import bench_openvino, compare_runtimes, runtimes_table
 
-DEFAULT_METHODS = ("inctrl", "anople", "faprompt")
 SHOT_COUNTS = (1, 2, 4, 8)
-#: Methods with an opt-in ``precision="bf16"``, measured on their first few queries.
-REDUCED_PRECISION_METHODS = ("faprompt",)
+#: Queries timed with the opt-in ``precision="bf16"`` of the methods that offer it.
 BF16_QUERIES = 2
 
 COLUMNS = (
@@ -126,13 +124,21 @@ def bench_method(method: str, quick: bool, queries: int, threads: int) -> dict[s
         row["official_ours_median_s"] = statistics.median(ours)
         row["speedup_vs_official"] = row["official_median_s"] / row["official_ours_median_s"]
         row["official_shots"] = 2
-    if method == "anople":
-        row["anople_fit_ratios"] = anople_fit_ratios(quick, normals, inputs[0])
-        row["anople_presets"] = anople_presets(quick, normals)
+    extra_rows = EXTRA_ROWS.get(method)
+    if extra_rows is not None:
+        row.update(extra_rows(quick, normals, inputs[0]))
     row["peak_rss_mib"] = peak_rss_mib()
-    if method in REDUCED_PRECISION_METHODS:
+    if offers_bf16(method):
         row["bf16"] = _reduced_precision(method, quick, det, query_images[1 : 1 + BF16_QUERIES])
     return row
+
+
+def offers_bf16(method: str) -> bool:
+    """Whether the method has the opt-in ``precision="bf16"`` (its spec's option choices)."""
+    from detector.registry import get_spec
+
+    option = get_spec(method).options.get("precision")
+    return option is not None and "bf16" in (option.choices or ())
 
 
 def _reduced_precision(method: str, quick: bool, fp32_detector: Any, queries: list) -> dict[str, Any]:
@@ -235,7 +241,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, help="registered method names (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny random backbone (seconds)")
     parser.add_argument("--queries", type=int, default=10, help="timed queries per method (default 10)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -244,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-openvino", action="store_true", help="measure the PyTorch runtime only")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args.methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate, openvino=not args.no_openvino)
+    from detector.registry import get_method, list_methods
+
+    methods = [get_method(name).name for name in args.methods] if args.methods else list_methods()
+    result = run(methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate, openvino=not args.no_openvino)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     sys.stdout.write(report(result))

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 
@@ -82,12 +82,17 @@ class MethodArtefacts:
         default_set: the set ``checkpoint="official"`` means when several are cached.
         convert_needs: facts ``convert`` must be told because the files do not record them
             (e.g. ``("shots", "trained_on")``).
+        write_random: ``(directory, model_name) -> path`` writes a file of the learned parts
+            at random initialisation for that backbone, so benchmarks time the configuration
+            the official code runs where running without a file would take a cheaper mode
+            (``None`` = no such difference).
     """
 
     source: WeightsSource | None
     known: tuple[KnownArtefact, ...] = ()
     default_set: str | None = None
     convert_needs: tuple[str, ...] = ()
+    write_random: Callable[[Path, str], Path] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

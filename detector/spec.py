@@ -99,6 +99,9 @@ class MethodSpec:
         checkpoint_sets: ``checkpoint=`` may name a set of files for several shot counts
             (a folder, ``"official[:<set>]"``, ``"hf-hub:<org>/<repo>"``); the file is chosen
             at ``fit`` (docs/api.md §19).
+        quick_options: options that make a smoke run short on the tiny backbone (fewer
+            prompt-learning steps); the benchmarks' ``--quick`` uses them. Results under them
+            are not representative.
     """
 
     display_name: str
@@ -119,11 +122,13 @@ class MethodSpec:
     app_options: tuple[str, ...] = ()
     cost: RelativeCost = field(default_factory=RelativeCost)
     checkpoint_sets: bool = False
+    quick_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [name for name in self.app_options if name not in self.options]
-        if unknown:
-            raise ValueError(f"{self.display_name}: app_options {unknown} are not among its options")
+        for field_name in ("app_options", "quick_options"):
+            unknown = [name for name in getattr(self, field_name) if name not in self.options]
+            if unknown:
+                raise ValueError(f"{self.display_name}: {field_name} {unknown} are not among its options")
 
     def sigma_at(self, image_size: int) -> float:
         """The default sigma at an input side of ``image_size`` pixels."""

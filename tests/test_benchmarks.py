@@ -151,3 +151,30 @@ def test_anople_fit_ratios_come_from_one_run(tmp_path):
         assert 0 < sum(entry["split_s"].values()) <= entry["fit_s"]
     assert ratios["k4_within_budget"] == (ratios["k4"]["fit_to_encoder"] <= anople_fit.ANOPLE_FIT_BUDGET_FORWARDS)
     assert "fit / encoder" in bench.report(json.loads(out.read_text()))
+
+
+def test_benchmarked_configurations_come_from_what_each_method_declares(tmp_path):
+    from detector import create_detector
+    from detector.registry import get_method, list_methods
+
+    files = measure.benchmarked_checkpoints(True, tmp_path)
+    assert files  # at least one method runs a cheaper mode without a file of its learned parts
+    for method in list_methods():
+        cls = get_method(method)
+        artefacts = cls.artefacts()
+        assert (method in files) == (artefacts is not None and artefacts.write_random is not None)
+        options = measure.method_options(method, True, tmp_path / method)
+        assert {k: v for k, v in options.items() if k != "checkpoint"} == dict(cls.spec.quick_options)
+        assert ("checkpoint" in options) == (method in files)
+        assert measure.method_options(method, False, tmp_path / method).keys() <= {"checkpoint"}
+    for method, path in files.items():  # each file is one its method loads
+        det = create_detector(method, backbone="tiny-test", backbone_weights="random", checkpoint=path)
+        assert det.describe()["checkpoint_file"] == path
+
+
+def test_a_spec_rejects_quick_options_it_does_not_have():
+    from detector.spec import MethodSpec, Option
+
+    with pytest.raises(ValueError, match="quick_options"):
+        MethodSpec("Toy", "tiny-test", "random", "squash", 1.0, options={"steps": Option(3, kind=int)}, quick_options={"rounds": 1})
+    assert MethodSpec("Toy", "tiny-test", "random", "squash", 1.0, options={"steps": Option(3, kind=int)}, quick_options={"steps": 1}).quick_options == {"steps": 1}

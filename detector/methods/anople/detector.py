@@ -94,6 +94,7 @@ class AnoPLeDetector(Detector):
         colour=(0, 200, 255),
         cost=RelativeCost(predict=0.7, fit_per_normal=8.0),
         app_options=("preset", "steps"),
+        quick_options={"steps": 3},
     )
 
     # -- construction hooks ---------------------------------------------------------------

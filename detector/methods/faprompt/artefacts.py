@@ -14,9 +14,11 @@ from pathlib import Path
 
 
 from ...artefacts import Converted, ConvertRequest, KnownArtefact, MethodArtefacts, WeightsSource, converted_header, set_slug
+from ...backbone import load_backbone
 from ...checkpoints import check_keys, read_state_dict, save_safetensors
 from ...errors import CheckpointError
 from .config import METHOD_NAME
+from .encoders import method_image_size, quick_gelu_for
 from .learner import NESTING, FAPromptLearner, expected_shapes
 
 SOURCE = WeightsSource(
@@ -33,7 +35,19 @@ KNOWN = (KnownArtefact("prompt learner, trained on VisA (official epoch_7.pth)",
 
 
 def artefacts() -> MethodArtefacts:
-    return MethodArtefacts(source=SOURCE, known=KNOWN, default_set="visa", convert_needs=())
+    return MethodArtefacts(source=SOURCE, known=KNOWN, default_set="visa", convert_needs=(), write_random=write_random_learner)
+
+
+def write_random_learner(directory: Path, model_name: str) -> Path:
+    """``directory/faprompt-random-prompts.safetensors``: a prompt learner for ``model_name``
+    at random initialisation (seed 0) on random CLIP weights. With it the detector runs its
+    learned configuration (deep prompts and the abnormality prior, two text passes per
+    query, as the official code does); without a file it runs the cheaper training-free
+    word mode, so benchmarks use this file."""
+    backbone = load_backbone(model_name, "random", image_size=method_image_size(model_name), quick_gelu=quick_gelu_for(model_name))
+    learner = FAPromptLearner.for_backbone(backbone).initialize(backbone, seed=0)
+    header = {"method": METHOD_NAME, "backbone": model_name, "note": "random initialisation for benchmarking"}
+    return save_safetensors(Path(directory) / "faprompt-random-prompts.safetensors", learner.state_dict(), header)
 
 
 def convert(source: Path, out_dir: Path, request: ConvertRequest, *, default_backbone: str) -> Converted:
