@@ -232,9 +232,10 @@ def official_worker(official: Path, workdir: Path) -> None:
 def ours(workdir: Path, images: list[Path], runtime: str) -> dict[str, np.ndarray]:
     sys.path.insert(0, str(REPO))
     from detector import create_detector, maps
+    from detector.methods.faprompt import FAPromptDetector
 
     detector = create_detector(
-        "faprompt",
+        FAPromptDetector.name,
         backbone="ViT-L-14-336",
         backbone_weights=str(workdir / "clip_random.pt"),
         checkpoint=str(workdir / "official_prompt_learner.pth"),

@@ -249,6 +249,7 @@ def run_ours(job: dict, out_file: Path, runtime: str) -> dict:
     """Our detector with ``runtime`` on every (k, query); writes an ``.npz`` and returns the
     runtime facts of ``describe()`` (``runtime``, ``runtime_requested``, ...)."""
     from detector import create_detector
+    from detector.methods.inctrl import InCTRLDetector
 
     results: dict[str, np.ndarray] = {}
     detectors = {}
@@ -256,7 +257,7 @@ def run_ours(job: dict, out_file: Path, runtime: str) -> dict:
         for q, (path, class_name) in enumerate(job["queries"]):
             if class_name not in detectors:
                 detectors[class_name] = create_detector(
-                    "inctrl", checkpoint=job["checkpoint"], class_name=class_name, runtime=runtime
+                    InCTRLDetector.name, checkpoint=job["checkpoint"], class_name=class_name, runtime=runtime
                 )
             detector = detectors[class_name].fit(job["normals"][:shots])
             result = detector.predict(path)
