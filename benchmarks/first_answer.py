@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import types
 from pathlib import Path
 from typing import Any, Sequence
 
-from .measure import benchmarked_checkpoints
+from .measure import benchmarked_checkpoints, write_and_print
 
 SHOTS = 3
 #: Runs of (b) and (c), and predicts per method for P; their medians count.
@@ -196,14 +194,14 @@ def summary(
     return result
 
 
-def _handlers(quick: bool, checkpoints: dict[str, str]):
+def app_handlers(quick: bool, checkpoints: dict[str, str]):
     import ui
 
     config = ui.AppConfig(backbone="tiny-test" if quick else None, backbone_weights="random", checkpoints=checkpoints, examples=False)
     return ui.InspectionApp(config)
 
 
-def _timed_run(handlers: Any, normals: list, query: str, methods: list[str], session: str) -> dict[str, float]:
+def timed_run(handlers: Any, normals: list, query: str, methods: list[str], session: str) -> dict[str, float]:
     """Seconds from Run to the first method shown, to all of them (the end of the Run's
     stream), and to the final redraw by the page's timer (equal to ``all_s`` when nothing was
     provisional); ``redraw_lag_s``: from the background calibration landing to that redraw."""
@@ -245,14 +243,14 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
         measure_reference = functools.partial(reference_times, quick, threads, [p for p, _ in normals], queries[0], checkpoints, repeats=repeats)
         reference = measure_reference()  # and again after the Runs (``bracketed``)
 
-        handlers = _handlers(quick, checkpoints)
+        handlers = app_handlers(quick, checkpoints)
         handlers.warm_start()
         while handlers.warm_status.startswith("warming"):
             time.sleep(0.1)
-        cold = _timed_run(handlers, normals, queries[0], names, "cold")
-        second = [_timed_run(handlers, normals, queries[(index + 1) % 2], names, "cold") for index in range(repeats)]
+        cold = timed_run(handlers, normals, queries[0], names, "cold")
+        second = [timed_run(handlers, normals, queries[(index + 1) % 2], names, "cold") for index in range(repeats)]
 
-        fresh = _handlers(quick, checkpoints)  # nothing of the runs above is reused
+        fresh = app_handlers(quick, checkpoints)  # nothing of the runs above is reused
         fresh.warm_start()
         while fresh.warm_status.startswith("warming"):
             time.sleep(0.1)
@@ -264,7 +262,7 @@ def run(quick: bool, threads: int, repeats: int = DEFAULT_REPEATS) -> dict[str, 
             fresh.prefetch(own_normals, names, "object", request=types.SimpleNamespace(session_hash=session))
             fresh.service.prefetcher.job(session).wait()
             prefetch_s.append(time.perf_counter() - start)
-            prefetched.append(_timed_run(fresh, own_normals, own_queries[0], names, session))
+            prefetched.append(timed_run(fresh, own_normals, own_queries[0], names, session))
         reference = bracketed(reference, measure_reference())
     return summary(reference, cold, second, prefetched, prefetch_s, threads=threads, quick=quick, driver="in-process")
 
@@ -341,10 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not browser_available():
             parser.error(f"the browser measurement needs Chromium at {CHROMIUM} and playwright (or use --in-process)")
         result = run_in_browser(args.quick, args.threads, args.repeats)
-    sys.stdout.write(markdown(result) + "\n")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return write_and_print(result, args.out, markdown(result))
 
 
 if __name__ == "__main__":

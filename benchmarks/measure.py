@@ -3,7 +3,9 @@ benchmarked detector configurations and a process of its own per measurement."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import sys
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -105,3 +107,13 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if value < 100 else f"{value:.0f}"
     return str(value)
+
+
+def write_and_print(result: dict[str, Any], out: str | None, table: str) -> int:
+    """Write ``result`` as JSON to ``out`` (its folder made; nothing when ``None``), print
+    ``table``; the command's exit status (0)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    sys.stdout.write(table if table.endswith("\n") else table + "\n")
+    return 0

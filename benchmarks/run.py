@@ -21,7 +21,6 @@ timers, images and benchmarked configurations shared with ``first_answer`` in ``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .anople_fit import EXTRA_ROWS, anople_ratio_table, anople_table
-from .measure import create, format_value, in_subprocess, method_options, peak_rss_mib, percentile, synthetic_images, timed
+from .measure import create, format_value, in_subprocess, method_options, peak_rss_mib, percentile, synthetic_images, timed, write_and_print
 from .runtimes import bench_openvino, compare_runtimes, runtimes_table
 
 SHOT_COUNTS = (1, 2, 4, 8)
@@ -254,10 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     methods = [get_method(name).name for name in args.methods] if args.methods else list_methods()
     result = run(methods, args.quick, args.queries, args.threads, isolate=not args.no_isolate, openvino=not args.no_openvino)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    sys.stdout.write(report(result))
-    return 0
+    return write_and_print(result, args.out, report(result))
 
 
 if __name__ == "__main__":

@@ -178,3 +178,27 @@ def test_a_spec_rejects_quick_options_it_does_not_have():
     with pytest.raises(ValueError, match="quick_options"):
         MethodSpec("Toy", "tiny-test", "random", "squash", 1.0, options={"steps": Option(3, kind=int)}, quick_options={"rounds": 1})
     assert MethodSpec("Toy", "tiny-test", "random", "squash", 1.0, options={"steps": Option(3, kind=int)}, quick_options={"steps": 1}).quick_options == {"steps": 1}
+
+
+def test_app_memory_benchmark_follows_the_cache_until_it_is_full(tmp_path, capsys):
+    from benchmarks import app_memory
+    from detector import limits
+    from detector.registry import list_methods
+
+    methods = len(list_methods())
+    sets_to_fill = -(-limits.FITTED_DETECTOR_CACHE_SIZE // methods)  # with the first set's fits
+    out = tmp_path / "memory.json"
+    assert app_memory.main(["--quick", "--same", "2", "--new", str(sets_to_fill + 1), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [row["phase"] for row in rows] == ["warm", "same", "same"] + ["new"] * (sets_to_fill + 1)
+    assert result["cache_size"] == limits.FITTED_DETECTOR_CACHE_SIZE
+    # the same normals: one fit per method; each new set adds its own until the cache is full
+    expected = [methods, methods] + [min(methods * (2 + i), limits.FITTED_DETECTOR_CACHE_SIZE) for i in range(sets_to_fill + 1)]
+    assert [row["cached_fits"] for row in rows[1:]] == expected
+    assert all(row["rss_mib"] > 0 and row["tensor_mib"] > 0 for row in rows)
+    full = [row for row in rows if row["phase"] == "new" and row["cached_fits"] == limits.FITTED_DETECTOR_CACHE_SIZE]
+    assert len(full) >= 2
+    growth = result["growth_per_run"]["new normals, cache full"]
+    assert growth["rss_mib"] == pytest.approx((full[-1]["rss_mib"] - full[0]["rss_mib"]) / (len(full) - 1))
+    assert f"| new | {sets_to_fill + 1} |" in capsys.readouterr().out
