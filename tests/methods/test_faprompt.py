@@ -297,6 +297,35 @@ def test_normals_do_not_change_results(learned_file, queries):
     assert "leave-one-out" in calibration.source
 
 
+
+def test_detectors_of_one_file_share_its_prompt_learner(tmp_path, learned_file, queries):
+    import os
+    import shutil
+
+    copy = tmp_path / "epoch_1.pth"
+    shutil.copy(learned_file, copy)
+    first = create_detector("faprompt", backbone=TINY, checkpoint=str(copy))
+    second = create_detector("faprompt", backbone=TINY, checkpoint=str(copy))
+    assert second.model.learner is first.model.learner  # one copy in memory, not one per fit
+    assert not first.model.learner.training and not any(p.requires_grad for p in first.model.learner.parameters())
+    assert first.predict(queries[0]).score == second.fit([queries[1]]).predict(queries[0]).score
+    first.checkpoint_header["edited"] = True  # each detector's own copy of the header
+    assert "edited" not in create_detector("faprompt", backbone=TINY, checkpoint=str(copy)).checkpoint_header
+
+    # the file replaced by another learner: the next detector loads the new one
+    state = torch.load(copy, weights_only=True)
+    state["prompt_learner"]["ctx_pos"] = state["prompt_learner"]["ctx_pos"] * -1.0
+    torch.save(state, copy)
+    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 10**9))
+    replaced = create_detector("faprompt", backbone=TINY, checkpoint=str(copy))
+    assert replaced.model.learner is not first.model.learner
+    assert torch.equal(replaced.model.learner.ctx_pos, state["prompt_learner"]["ctx_pos"])
+    assert not torch.equal(first.model.learner.ctx_pos, replaced.model.learner.ctx_pos)
+
+    # the word mode builds its own learner
+    words = create_detector("faprompt", backbone=TINY, checkpoint=str(copy), prompts="words")
+    assert words.model.learner is not replaced.model.learner
+
 def test_explain(learned_file, queries):
     det = create_detector("faprompt", backbone=TINY, checkpoint=str(learned_file))
     result = det.predict(queries[0])

@@ -26,7 +26,7 @@ from ...weights import resolve_path
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, PRECISION_OPTIONS, PRIOR_OPTIONS, PROMPTS_OPTIONS
 from .encoders import method_image_size, quick_gelu_for
 from . import artefacts as published
-from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state
+from .learner import FAPromptLearner, inspect_checkpoint, load_learner_state, shared_learner
 from .model import FAPromptImagePath, FAPromptModel, TextState
 from .prompts import WORD_ABNORMALITY_PHRASES
 
@@ -104,17 +104,19 @@ class FAPromptDetector(Detector):
             )
         self.precision = self.options["precision"]
         self.prior_patches = self.options["prior_patches"]
-        learner = FAPromptLearner.for_backbone(self.backbone)
+        what = f"the FAPrompt prompt learner of {model_name}"
         self.checkpoint_header: dict[str, Any] = {}
-        if artefact is not None:
-            self.checkpoint_header = load_learner_state(learner, artefact, what=f"the FAPrompt prompt learner of {model_name}")
         self.learned = artefact is not None and self.options["prompts"] != "words"
         self.word_ids: dict[str, Any] | None = None
-        if not self.learned:
+        if self.learned:
+            learner, self.checkpoint_header = shared_learner(self.backbone, artefact, what=what)
+        else:
+            if artefact is not None:  # checked and described, though the word prompts run
+                self.checkpoint_header = load_learner_state(FAPromptLearner.for_backbone(self.backbone), artefact, what=what)
             learner = FAPromptLearner.for_backbone(self.backbone)
             learner.set_template_buffers(self.backbone)
             self.word_ids = learner.set_word_context(self.backbone)
-        learner.to(self.backbone.device, dtype=self.backbone.dtype).eval().requires_grad_(False)
+            learner.to(self.backbone.device, dtype=self.backbone.dtype).eval().requires_grad_(False)
         self.model = FAPromptModel(
             self.backbone, learner, use_deep_prompts=self.learned, use_prior=self.learned, prior_patches=self.prior_patches
         )

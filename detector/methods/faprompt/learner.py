@@ -6,6 +6,7 @@ so the released ``{"prompt_learner": state_dict}`` files load strictly.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ... import limits
 from ...backbone import Backbone
+from ...checkpoint_sets import file_identity
 from ...checkpoints import NESTING_KEYS, CheckpointInfo, check_keys, key_groups, read_header, read_state_dict
 from ...errors import CheckpointError
 from .config import (
@@ -230,3 +233,22 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
     converted = {k: v.to(reference[k].dtype) for k, v in state.items()}
     learner.load_state_dict(converted, strict=True)
     return header
+
+
+def shared_learner(backbone: Backbone, path: str | Path, *, what: str) -> tuple[FAPromptLearner, dict[str, Any]]:
+    """``(learner, header)``: the prompt learner of the file ``path`` for ``backbone``, on
+    its device and dtype, in eval mode without gradients, loaded once per version of the
+    file (path, size, modification time) and backbone. Every detector with the same file
+    shares it (a full fitted-detector cache would otherwise hold one 39 MB copy per fit of
+    ViT-L-14-336; benchmarks/RESULTS.md, "The app's memory over many Runs"): nothing changes
+    it at inference, and training builds a learner of its own. Raises as ``load_learner_state``."""
+    learner, header = _loaded_learner(backbone, str(path), file_identity(path), what)
+    return learner, dict(header)
+
+
+@functools.lru_cache(maxsize=limits.BACKBONE_CACHE_SIZE)
+def _loaded_learner(backbone: Backbone, path: str, _identity: tuple, what: str) -> tuple[FAPromptLearner, tuple[tuple[str, Any], ...]]:
+    learner = FAPromptLearner.for_backbone(backbone)
+    header = load_learner_state(learner, path, what=what)
+    learner.to(backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
+    return learner, tuple(header.items())
