@@ -53,16 +53,21 @@ HEADS_OPTIONS = ("auto", "trained", "training-free")
 
 @dataclass
 class _NormalBank:
-    """Cached features of the fitted normal images.
+    """Cached features of the fitted normal images, kept once.
 
-    ``tokens``: ``(k, L, N, D)`` L2-normalised; ``pooled``: ``(L, k*N, D)`` (shot-major);
+    ``pooled``: ``(L, k*N, D)`` L2-normalised patch tokens, shot-major (``pool_normals``);
     ``embeddings``: ``(k, E)``; ``geometries``: one per normal.
     """
 
-    tokens: torch.Tensor
     pooled: torch.Tensor
     embeddings: torch.Tensor
     geometries: tuple[Geometry, ...]
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """``(k, L, N, D)``: the same tokens per shot (a view of ``pooled``)."""
+        shots = self.embeddings.shape[0]
+        return self.pooled.unflatten(1, (shots, -1)).movedim(1, 0)
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,7 @@ class InCTRLDetector(Detector):
         with torch.inference_mode():
             tokens, embeddings = self._encode(normals)
             text_prior_features(self.backbone, self.class_name)
-        self._bank = _NormalBank(tokens=tokens, pooled=pool_normals(tokens), embeddings=embeddings, geometries=normals.geometries)
+        self._bank = _NormalBank(pooled=pool_normals(tokens), embeddings=embeddings, geometries=normals.geometries)
 
     def _image_path(self) -> ImagePath:
         """The intermediate tokens of ``self.blocks`` and the image embedding (``encode_images``)."""
