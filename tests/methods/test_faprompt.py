@@ -326,6 +326,22 @@ def test_detectors_of_one_file_share_its_prompt_learner(tmp_path, learned_file, 
     words = create_detector("faprompt", backbone=TINY, checkpoint=str(copy), prompts="words")
     assert words.model.learner is not replaced.model.learner
 
+
+def test_the_shared_learner_keeps_no_backbone_alive(learned_file):
+    import gc
+    import weakref
+
+    from detector.backbone import clear_backbone_cache
+
+    backbone = load_backbone(TINY, "random", image_size=80, quick_gelu=True)
+    learner, _ = fp.shared_learner(backbone, learned_file, what="the test learner")
+    model = weakref.ref(backbone.model)
+    del backbone
+    clear_backbone_cache()
+    gc.collect()
+    assert model() is None  # freed although its learner stays cached
+    assert fp.shared_learner(load_backbone(TINY, "random", image_size=80, quick_gelu=True), learned_file, what="the test learner")[0] is learner
+
 def test_explain(learned_file, queries):
     det = create_detector("faprompt", backbone=TINY, checkpoint=str(learned_file))
     result = det.predict(queries[0])

@@ -10,7 +10,7 @@ training command. Importing this package registers the ``"faprompt"`` method.
 from .config import DEFAULT_BACKBONE, DEFAULT_SIGMA, DEFAULT_WEIGHTS, OFFICIAL_IMAGE_SIZE, TEMPERATURE
 from .detector import FAPromptDetector, PromptEvidence
 from .encoders import DualPathVisionEncoder, PromptTextEncoder, dual_attention, method_image_size, num_deep_prompts, vv_start_block
-from .learner import FAPromptLearner, expected_shapes, load_learner_state
+from .learner import FAPromptLearner, expected_shapes, load_learner_state, shared_learner
 from .model import (
     FAPromptModel,
     TextState,
@@ -49,5 +49,6 @@ __all__ = [
     "method_image_size",
     "num_deep_prompts",
     "select_prior_tokens",
+    "shared_learner",
     "vv_start_block",
 ]

@@ -89,12 +89,7 @@ class FAPromptLearner(nn.Module):
     @classmethod
     def for_backbone(cls, backbone: Backbone) -> "FAPromptLearner":
         """Zero-filled learner with the shapes of ``backbone`` (ready for ``load_state_dict``)."""
-        return cls(
-            backbone.text_width,
-            backbone.embed_dim,
-            num_deep_prompts(backbone.num_text_blocks),
-            int(backbone.model.positional_embedding.shape[0]),
-        )
+        return cls(*learner_shapes(backbone))
 
     @torch.no_grad()
     def initialize(self, backbone: Backbone, seed: int = 0) -> "FAPromptLearner":
@@ -235,20 +230,34 @@ def load_learner_state(learner: FAPromptLearner, path: str | Path, *, what: str)
     return header
 
 
+def learner_shapes(backbone: Backbone) -> tuple[int, int, int, int]:
+    """``FAPromptLearner``'s constructor arguments for ``backbone``: text width, embedding
+    width, deep-prompt count, context length."""
+    return (
+        backbone.text_width,
+        backbone.embed_dim,
+        num_deep_prompts(backbone.num_text_blocks),
+        int(backbone.model.positional_embedding.shape[0]),
+    )
+
+
 def shared_learner(backbone: Backbone, path: str | Path, *, what: str) -> tuple[FAPromptLearner, dict[str, Any]]:
-    """``(learner, header)``: the prompt learner of the file ``path`` for ``backbone``, on
-    its device and dtype, in eval mode without gradients, loaded once per version of the
-    file (path, size, modification time) and backbone. Every detector with the same file
-    shares it (a full fitted-detector cache would otherwise hold one 39 MB copy per fit of
-    ViT-L-14-336; benchmarks/RESULTS.md, "The app's memory over many Runs"): nothing changes
-    it at inference, and training builds a learner of its own. Raises as ``load_learner_state``."""
-    learner, header = _loaded_learner(backbone, str(path), file_identity(path), what)
+    """``(learner, header)``: the prompt learner of the file ``path`` for ``backbone``'s
+    shapes, device and dtype, in eval mode without gradients, loaded once per version of the
+    file (path, size, modification time) and per such backbone. Every detector with the same
+    file shares it (a full fitted-detector cache would otherwise hold one 39 MB copy per fit
+    of ViT-L-14-336; benchmarks/RESULTS.md, "The app's memory over many Runs"): nothing
+    changes it at inference, and training builds a learner of its own. The cache holds no
+    backbone (``clear_backbone_cache`` frees them). Raises as ``load_learner_state``."""
+    learner, header = _loaded_learner(learner_shapes(backbone), str(backbone.device), backbone.dtype, str(path), file_identity(path), what)
     return learner, dict(header)
 
 
 @functools.lru_cache(maxsize=limits.BACKBONE_CACHE_SIZE)
-def _loaded_learner(backbone: Backbone, path: str, _identity: tuple, what: str) -> tuple[FAPromptLearner, tuple[tuple[str, Any], ...]]:
-    learner = FAPromptLearner.for_backbone(backbone)
+def _loaded_learner(
+    shapes: tuple[int, int, int, int], device: str, dtype: torch.dtype, path: str, _identity: tuple, what: str
+) -> tuple[FAPromptLearner, tuple[tuple[str, Any], ...]]:
+    learner = FAPromptLearner(*shapes)
     header = load_learner_state(learner, path, what=what)
-    learner.to(backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
+    learner.to(device, dtype=dtype).eval().requires_grad_(False)
     return learner, tuple(header.items())
