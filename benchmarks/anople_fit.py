@@ -79,7 +79,7 @@ def anople_presets(quick: bool, normals: list) -> dict[str, Any]:
         full_steps = preset_config(preset).steps
         steps = min(full_steps, FAITHFUL_TIMED_STEPS) if preset == "faithful" else full_steps
         if quick:
-            steps = min(steps, 3)
+            steps = min(steps, AnoPLeDetector.spec.quick_options["steps"])
         det = create(ANOPLE, quick, preset=preset, steps=steps)
         entry: dict[str, Any] = {"steps_timed": steps, "steps_full": full_steps if not quick else steps}
         for k in ((1,) if quick else (1, 4, 8)):

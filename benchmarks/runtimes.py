@@ -27,10 +27,11 @@ def bench_openvino(method: str, quick: bool, queries: int, threads: int) -> dict
         os.environ["DETECTOR_CACHE_DIR"] = str(Path(directory) / "cache")
         runtime.clear_runtime_cache()
         try:
-            det = create(method, quick, runtime="openvino", **method_options(method, quick, Path(directory)))
+            options = method_options(method, quick, Path(directory))  # its learned-state file written once
+            det = create(method, quick, runtime="openvino", **options)
             first = det.prepare_runtime()
             runtime.clear_runtime_cache()  # forget the compiled model: the next detector reads the saved one
-            det = create(method, quick, runtime="openvino", **method_options(method, quick, Path(directory)))
+            det = create(method, quick, runtime="openvino", **options)
             again = det.prepare_runtime()
         finally:
             if previous is None:
