@@ -11,12 +11,14 @@ from the shared cache.
 A method counts as shown when its verdict (``#verdict-<method>``) has a score and its overlay
 (``#overlay-<method> img``) is a new image, i.e. not the one shown before this Run. The final
 redraw has come when no verdict says ``provisional`` any more. Times are taken in this process
-around Playwright waits that poll the page every ``POLL_MS``.
+around Playwright waits that poll the page every ``POLL_MS``. Each method's own predict
+seconds are read from its verdict (``ui.views``: "... · 7.36 s").
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import statistics
 import tempfile
 import time
@@ -50,6 +52,9 @@ _NEW_QUERY = """(before) => {
     const image = document.querySelector("#query img");
     return image !== null && image.src && image.src !== before;
 }"""
+_VERDICTS = """(methods) => methods.map((m) => document.querySelector(`#verdict-${m}`).innerText)"""
+#: The predict seconds in a verdict's last line ("calibration: ... · 7.36 s · normals reused").
+_VERDICT_SECONDS = re.compile(r"· (\d+(?:\.\d+)?) s\b")
 _OVERLAYS = """(methods) => Object.fromEntries(methods.map((m) => {
     const image = document.querySelector(`#overlay-${m} img`);
     return [m, image === null ? null : image.src];
@@ -77,7 +82,8 @@ def upload(page: Any, normals: Sequence[str] | None, query: str) -> float:
 def timed_run(page: Any, methods: Sequence[str], server_pid: int) -> dict[str, Any]:
     """Click Run; seconds to the first method shown, to all of them, and to the final
     redraw (no provisional verdict left); the CPU seconds the server and Chromium used
-    from the click to the final redraw (both share this machine's cores)."""
+    from the click to the final redraw (both share this machine's cores); the methods'
+    predict seconds added as their verdicts report them (``own_predicts_s``)."""
     methods = list(methods)
     before = page.evaluate(_OVERLAYS, methods)
     cpu_before = cpu_seconds(server_pid)
@@ -88,7 +94,8 @@ def timed_run(page: Any, methods: Sequence[str], server_pid: int) -> dict[str, A
     final = _wait(page, _FINAL, [methods, PROVISIONAL_MARK])
     cpu_after = cpu_seconds(server_pid)
     cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_after}
-    return {"first_s": first - start, "all_s": every - start, "final_s": final - start, "cpu_s": cpu}
+    own_predicts_s = sum(float(_VERDICT_SECONDS.findall(text)[-1]) for text in page.evaluate(_VERDICTS, methods))
+    return {"first_s": first - start, "all_s": every - start, "final_s": final - start, "cpu_s": cpu, "own_predicts_s": own_predicts_s}
 
 
 _READY_OR_FAILED = """([selector, ready]) => {

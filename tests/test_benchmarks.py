@@ -111,6 +111,12 @@ def test_first_answer_benchmark_quick_prints_every_ratio(tmp_path, capsys):
     assert result["F_s"] == pytest.approx((drift["before"]["F_s"] + drift["after"]["F_s"]) / 2)
     assert drift["before"]["P_s"] > 0 and drift["after"]["P_s"] > 0
     assert "Each run / P" in text and "measured before and after the Runs" in text
+    # Each Run's own predicts (what its summary reported) are inside its time, never more.
+    for key in ("second_query", "prefetched"):
+        for total, predicts in zip(runs[f"{key}_all_s"], runs[f"{key}_own_predicts_s"]):
+            assert 0 < predicts <= total
+    assert result["ratios"]["second_query / own predicts"] >= 1.0
+    assert "Each run / its own predicts" in text
 
 
 @pytest.mark.browser
@@ -132,6 +138,9 @@ def test_first_answer_benchmark_drives_the_served_app_in_chromium(tmp_path, caps
     assert result["drift"]["after"]["P_s"] > 0  # P measured again once the server is closed
     for run in ("cold", "second", "prefetched"):
         assert result["cpu_s"][run]["server"] > 0  # read from /proc for the app's own process
+    # The predict seconds read from the verdicts lie inside each Run's time.
+    for total, predicts in zip(result["repeats"]["prefetched_all_s"], result["repeats"]["prefetched_own_predicts_s"]):
+        assert 0 < predicts <= total
     text = capsys.readouterr().out
     assert "Driven in a browser" in text and "| prefetched_all / P |" in text and "CPU seconds" in text
 
