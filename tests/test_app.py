@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,27 @@ def test_new_query_with_same_normals_reuses_fit(served, images):
     assert factory.fits == fits, "same normals: nothing may be fitted again"
     assert factory.predicts == predicts + 2
     assert all(entry["reused_fit"] for entry in outputs[0]["methods"].values())
+
+
+def test_queue_polls_every_20_ms_not_every_millisecond(served):
+    """Gradio's queue polls every 1 ms / 10 ms while it waits (about 8 % of a core on 2
+    cores); the app's queue waits ``QUEUE_POLL_SECONDS`` and still serves (the /detect calls
+    of this module go through it)."""
+    import gradio as gr
+
+    from ui.layout import QUEUE_POLL_SECONDS, poll_queue_every
+
+    demo, _, _ = served
+    assert demo._queue.sleep_when_free == demo._queue.progress_update_sleep_when_free == QUEUE_POLL_SECONDS
+    with gr.Blocks() as plain:
+        gr.Markdown("x")
+    plain.queue()
+    assert plain._queue.sleep_when_free < 0.01  # Gradio's own polling, which the app replaces
+    assert poll_queue_every(plain, 0.5) == ["sleep_when_free", "progress_update_sleep_when_free"]
+    assert plain._queue.sleep_when_free == 0.5
+    poll_queue_every(plain, 0.1)  # never polls more often than it was told before
+    assert plain._queue.progress_update_sleep_when_free == 0.5
+    assert poll_queue_every(types.SimpleNamespace(), 0.5) == []  # a Gradio without them: left alone
 
 
 def test_threshold_redraws_from_state_without_running_models(served, images):

@@ -28,6 +28,11 @@ ASSETS_DIR = ROOT / "assets"
 #: calibration while there is any (seconds); a final calibration is redrawn at most this long
 #: after it lands. The timer stops when nothing runs in the background (``InspectionApp.tick``).
 TICK_SECONDS = 0.5
+#: How often Gradio's queue looks for new events and for progress to send while it waits
+#: (seconds). Gradio polls every 1 ms and 10 ms on Linux: about 8 % of a core on the event
+#: loop's thread, idle or not, which on 2 cores takes turns with the predict's threads
+#: (benchmarks/RESULTS.md, "Gradio's queue polling"). 20 ms adds at most that to an event's start.
+QUEUE_POLL_SECONDS = 0.02
 TITLE = "CLIP anomaly inspection: InCTRL · AnoPLe · FAPrompt"
 
 CSS = """
@@ -61,6 +66,21 @@ else the method's documented fixed range ("default"). Never per-image min-max.
 **Limits**: 1–8 normal images, files up to 10 MB, one request at a time (CPU). Models and weights are cached
 under `HF_HOME`.
 """
+
+
+def poll_queue_every(demo: gr.Blocks, seconds: float) -> list[str]:
+    """Let ``demo``'s queue (made by ``demo.queue``) poll at most every ``seconds`` while it
+    waits, instead of Gradio's 1 ms / 10 ms. Gradio has no parameter for it: this sets the
+    queue's ``sleep_when_free`` and ``progress_update_sleep_when_free`` (Gradio 6) and
+    returns the names it set; a Gradio without them keeps its own polling."""
+    queue = getattr(demo, "_queue", None)
+    changed = []
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        current = getattr(queue, name, None)
+        if isinstance(current, (int, float)):
+            setattr(queue, name, max(float(current), seconds))
+            changed.append(name)
+    return changed
 
 
 def pass_file_through(component: gr.Image) -> gr.Image:
@@ -394,6 +414,7 @@ def build_demo(config: AppConfig | None = None, service: InspectionService | Non
                 )
 
     demo.queue(default_concurrency_limit=limits.MAX_CONCURRENT_JOBS, max_size=limits.MAX_QUEUED_JOBS)
+    poll_queue_every(demo, QUEUE_POLL_SECONDS)
     if config.warm_start:
         handlers.warm_start()
     demo.inspection_app = handlers  # type: ignore[attr-defined]
