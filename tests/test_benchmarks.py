@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -175,10 +176,23 @@ def test_benchmarked_configurations_come_from_what_each_method_declares(tmp_path
         options = measure.method_options(method, True, tmp_path / method)
         assert {k: v for k, v in options.items() if k != "checkpoint"} == dict(cls.spec.quick_options)
         assert ("checkpoint" in options) == (method in files)
-        assert measure.method_options(method, False, tmp_path / method).keys() <= {"checkpoint"}
     for method, path in files.items():  # each file is one its method loads
         det = create_detector(method, backbone="tiny-test", backbone_weights="random", checkpoint=path)
         assert det.describe()["checkpoint_file"] == path
+
+
+@pytest.mark.slow
+def test_the_full_configuration_adds_nothing_but_the_learned_state_on_the_default_backbone(tmp_path):
+    from detector.registry import get_method, list_methods
+
+    for method in list_methods():
+        artefacts = get_method(method).artefacts()
+        declares_file = artefacts is not None and artefacts.write_random is not None
+        options = measure.method_options(method, False, tmp_path / method)
+        assert set(options) == ({"checkpoint"} if declares_file else set())
+        if declares_file:  # written for the method's default backbone, so larger than the tiny one's
+            tiny = measure.random_learned_state(method, True, tmp_path / f"{method}-tiny")
+            assert Path(options["checkpoint"]).stat().st_size > tiny.stat().st_size
 
 
 def test_a_spec_rejects_quick_options_it_does_not_have():
